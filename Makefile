@@ -1,0 +1,38 @@
+# Every target builds .venv first, so a fresh machine needs only python3.11+ and make.
+PY ?= $(shell command -v python3.13 || command -v python3.12 || command -v python3.11 || command -v python3)
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+PYTEST_ARGS ?=
+
+.PHONY: run relay test check lint types bench clean
+
+$(STAMP): pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[test]'
+	touch $(STAMP)
+
+run: $(STAMP)
+	@echo "Starting a relay on the default profile (Ctrl-C stops it)."
+	@$(BIN)/pigeon id >/dev/null 2>&1 || $(BIN)/pigeon init --name "$${USER:-me}"
+	@$(BIN)/pigeon id
+	@echo "Send a message from another terminal:  $(BIN)/pigeon contacts add NAME CODE && $(BIN)/pigeon send NAME 'hello'"
+	$(BIN)/pigeon relay
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
+
+lint: $(STAMP)
+	$(BIN)/ruff check mesh tui tests
+
+types: $(STAMP)
+	$(BIN)/mypy
+
+check: lint types test
+
+bench: $(STAMP)
+	@echo "benchmarks land with the performance issue"
+
+clean:
+	rm -rf $(VENV) build dist *.egg-info

@@ -1,0 +1,1 @@
+"""Pigeon: the mesh protocol, storage, transports, node runtime and CLI."""

@@ -1,0 +1,354 @@
+"""The ``pigeon`` command line.
+
+Every command works whether or not a node runs on the profile: if the profile lock is
+free the command opens the store itself (holding the lock, so no node starts meanwhile);
+if a node holds it, the command asks that node over the control socket. Two processes
+therefore never write one profile at the same time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import signal
+import sys
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from mesh import api, control
+from mesh.errors import UserError
+from mesh.identity import Identity, encode_contact, is_encrypted
+from mesh.node import (
+    Node,
+    NodeConfig,
+    add_contact,
+    list_contacts,
+    list_inbox,
+    list_outbox,
+    queue_direct,
+)
+from mesh.profile import Profile, ProfileLock
+from mesh.store import Store
+from mesh.transports.tcp import parse_hostport
+
+DEFAULT_LISTEN = "0.0.0.0:7447"
+LOCK_WAIT_S = 5.0
+
+
+def _passphrase(args: argparse.Namespace) -> bytes | None:
+    var = args.passphrase_env
+    if not var:
+        return None
+    value = os.environ.get(var)
+    if value is None:
+        raise UserError(f"environment variable {var} is not set")
+    if not value:
+        raise UserError(f"environment variable {var} is empty")
+    return value.encode()
+
+
+def _load_identity(profile: Profile, args: argparse.Namespace) -> Identity:
+    if not profile.exists():
+        raise UserError(f"no identity in {profile.home}; run 'pigeon init --name NAME' first")
+    passphrase = _passphrase(args)
+    if passphrase is None and is_encrypted(profile.identity_path):
+        raise UserError("the key file is encrypted; pass --passphrase-env VAR")
+    return Identity.load(profile.identity_path, passphrase)
+
+
+@contextlib.contextmanager
+def _local_or_remote(profile: Profile) -> Iterator[Store | None]:
+    """Yields an open Store while holding the profile lock, or None if a node runs."""
+    if not profile.exists():
+        raise UserError(f"no identity in {profile.home}; run 'pigeon init --name NAME' first")
+    deadline = time.monotonic() + LOCK_WAIT_S
+    while True:
+        lock = ProfileLock(profile)
+        if lock.try_acquire():
+            try:
+                store = Store.open(profile.store_path)
+                try:
+                    yield store
+                finally:
+                    store.close()
+            finally:
+                lock.release()
+            return
+        if control.reachable(profile.control_path):
+            yield None
+            return
+        if time.monotonic() > deadline:
+            raise UserError("the profile is locked by another process that does not answer")
+        time.sleep(0.1)
+
+
+def _print(args: argparse.Namespace, data: Any, human: Callable[[Any], str]) -> None:
+    if getattr(args, "json", False):
+        print(json.dumps(data, indent=2, sort_keys=True))
+    else:
+        text = human(data)
+        if text:
+            print(text)
+
+
+def _id_info(identity: Identity) -> dict[str, str]:
+    return {
+        "node_id": identity.public.node_id.hex(),
+        "name": identity.name,
+        "fingerprint": identity.public.fingerprint,
+        "contact": encode_contact(identity.public, identity.name),
+    }
+
+
+# ---- commands ---------------------------------------------------------------------------
+
+
+def cmd_init(args: argparse.Namespace, profile: Profile) -> int:
+    if profile.exists():
+        raise UserError(f"an identity already exists in {profile.home}; refusing to overwrite it")
+    profile.ensure()
+    identity = Identity.generate(args.name)
+    identity.save(profile.identity_path, _passphrase(args))
+    Store.open(profile.store_path).close()
+    info = _id_info(identity)
+    _print(args, info, lambda d: (
+        f"Created {d['name']} in {profile.home}\nfingerprint: {d['fingerprint']}\n"
+        f"contact code (share it): {d['contact']}"))
+    return 0
+
+
+def cmd_id(args: argparse.Namespace, profile: Profile) -> int:
+    if (profile.exists() and not is_encrypted(profile.identity_path)) or args.passphrase_env:
+        info = _id_info(_load_identity(profile, args))
+    elif control.reachable(profile.control_path):
+        info = control.call(profile.control_path, "id")
+    else:
+        _load_identity(profile, args)  # raises the right message
+        return 1
+    _print(args, info, lambda d: "\n".join(f"{k}: {v}" for k, v in d.items()))
+    return 0
+
+
+def cmd_contacts(args: argparse.Namespace, profile: Profile) -> int:
+    if args.contacts_cmd == "add":
+        with _local_or_remote(profile) as store:
+            if store is None:
+                info = control.call(profile.control_path, "contacts_add", name=args.name,
+                                    code=args.code)
+            else:
+                info = asdict(add_contact(store, args.name, args.code, now=time.time()))
+        _print(args, info, lambda d: f"added {d['name']} (fingerprint {d['fingerprint']})")
+        return 0
+    with _local_or_remote(profile) as store:
+        rows = (control.call(profile.control_path, "contacts") if store is None
+                else [asdict(c) for c in list_contacts(store)])
+    _print(args, rows, lambda rs: "\n".join(
+        f"{r['name']:20} {r['fingerprint']}{'  verified' if r['verified'] else ''}" for r in rs))
+    return 0
+
+
+def cmd_send(args: argparse.Namespace, profile: Profile) -> int:
+    with _local_or_remote(profile) as store:
+        if store is None:
+            msg_id = control.call(profile.control_path, "send", to=args.name, text=args.text)
+        else:
+            identity = _load_identity(profile, args)
+            msg_id = queue_direct(store, identity, args.name, args.text, now=time.time())
+    _print(args, {"id": msg_id}, lambda d: d["id"])
+    return 0
+
+
+def cmd_inbox(args: argparse.Namespace, profile: Profile) -> int:
+    with _local_or_remote(profile) as store:
+        rows = (control.call(profile.control_path, "inbox") if store is None
+                else [asdict(m) for m in list_inbox(store)])
+    data = [{"id": r["id"], "from": r["sender"], "text": r["text"], "sent_at": r["sent_at"],
+             "received_at": r["received_at"], "conversation": r["conversation"]} for r in rows]
+    _print(args, data, lambda rs: "\n".join(
+        f"{time.strftime('%Y-%m-%d %H:%M', time.localtime(r['sent_at']))}  "
+        f"{r['from']}: {r['text']!r}" for r in rs))
+    return 0
+
+
+def cmd_outbox(args: argparse.Namespace, profile: Profile) -> int:
+    with _local_or_remote(profile) as store:
+        rows = (control.call(profile.control_path, "outbox") if store is None
+                else [asdict(m) for m in list_outbox(store)])
+    data = [{"id": r["id"], "to": r["to"], "text": r["text"], "state": r["state"]} for r in rows]
+    _print(args, data, lambda rs: "\n".join(
+        f"{r['state']:9}  to {r['to']}: {r['text']!r}" for r in rs))
+    return 0
+
+
+def cmd_status(args: argparse.Namespace, profile: Profile) -> int:
+    with _local_or_remote(profile) as store:
+        if store is None:
+            data = control.call(profile.control_path, "status")
+            data["running"] = True
+        else:
+            stats = store.stats()
+            data = {"envelopes": stats.envelopes, "bytes": stats.bytes,
+                    "receipts": stats.receipts, "peers": [], "running": False,
+                    "carried_for_others": stats.envelopes - stats.local_envelopes}
+    _print(args, data, lambda d: (
+        f"node {'running' if d['running'] else 'not running'}; {d['envelopes']} envelopes "
+        f"({d['bytes']} bytes), {len(d['peers'])} peers" + "".join(
+            f"\n  {p['transport']:6} {p['address']:24} {p['state']}" for p in d["peers"])))
+    return 0
+
+
+def cmd_relay(args: argparse.Namespace, profile: Profile) -> int:
+    identity = _load_identity(profile, args)
+    lock = ProfileLock(profile)
+    if not lock.try_acquire():
+        raise UserError(f"a node already runs on {profile.home}")
+    try:
+        listen = [parse_hostport(x) for x in (args.listen or [DEFAULT_LISTEN])]
+        peers = [parse_hostport(x) for x in args.peer]
+        config = NodeConfig(listen=listen, peers=peers)
+        store = Store.open(profile.store_path)
+        try:
+            return asyncio.run(_run_relay(identity, store, config, profile, args))
+        finally:
+            store.close()
+    finally:
+        lock.release()
+
+
+async def _run_relay(identity: Identity, store: Store, config: NodeConfig, profile: Profile,
+                     args: argparse.Namespace) -> int:
+    node = Node(identity, store, config)
+    log = logging.getLogger("pigeon.relay")
+    if not args.no_lan:
+        log.info("LAN discovery is not available in this version; use --peer HOST:PORT")
+    if not args.no_ble:
+        log.info("Bluetooth LE is not available in this version")
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await node.start()
+    except OSError as exc:
+        raise UserError(f"cannot listen: {exc}") from None
+    server = control.ControlServer(profile.control_path, _control_ops(node), node.subscribe,
+                                   node.unsubscribe)
+    await server.start()
+    log.info("relay %s running (node id %s)", identity.name, identity.public.node_id.hex()[:16])
+    try:
+        await stop.wait()
+    finally:
+        log.info("shutting down")
+        await server.stop()
+        await node.stop()
+    return 0
+
+
+def _control_ops(node: Node) -> dict[str, control.Handler]:
+    async def op_id(_: dict[str, Any]) -> Any:
+        return _id_info(node.identity)
+
+    async def op_status(_: dict[str, Any]) -> Any:
+        return api.to_dict(node.status())
+
+    async def op_send(req: dict[str, Any]) -> Any:
+        return node.send(str(req.get("to", "")), str(req.get("text", "")))
+
+    async def op_inbox(_: dict[str, Any]) -> Any:
+        return [api.to_dict(m) for m in node.inbox()]
+
+    async def op_outbox(_: dict[str, Any]) -> Any:
+        return [api.to_dict(m) for m in node.outbox()]
+
+    async def op_contacts(_: dict[str, Any]) -> Any:
+        return [api.to_dict(c) for c in node.contacts()]
+
+    async def op_contacts_add(req: dict[str, Any]) -> Any:
+        return api.to_dict(node.add_contact(str(req.get("name", "")), str(req.get("code", ""))))
+
+    async def op_peers(_: dict[str, Any]) -> Any:
+        return [api.to_dict(p) for p in node.peers()]
+
+    return {"id": op_id, "status": op_status, "send": op_send, "inbox": op_inbox,
+            "outbox": op_outbox, "contacts": op_contacts, "contacts_add": op_contacts_add,
+            "peers": op_peers}
+
+
+# ---- argument parsing -----------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pigeon", description="Offline mesh messenger.")
+    parser.add_argument("--home", help="profile directory (default: the platform data dir)")
+    parser.add_argument("--passphrase-env", metavar="VAR",
+                        help="read the key file passphrase from this environment variable")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("init", help="create this profile's identity")
+    p.add_argument("--name", required=True, help="display name shown to your contacts")
+    p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("id", help="show node id, fingerprint and contact code")
+    p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("contacts", help="manage contacts")
+    csub = p.add_subparsers(dest="contacts_cmd", required=True)
+    c = csub.add_parser("add", help="add a contact from their contact code")
+    c.add_argument("name")
+    c.add_argument("code")
+    c.add_argument("--json", action="store_true")
+    c = csub.add_parser("list", help="list contacts")
+    c.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("send", help="queue a message to a contact")
+    p.add_argument("name")
+    p.add_argument("text")
+    p.add_argument("--json", action="store_true")
+
+    for name, text in (("inbox", "messages received"), ("outbox", "messages sent and their state"),
+                       ("status", "store and peer status")):
+        p = sub.add_parser(name, help=text)
+        p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("relay", help="run a headless node")
+    p.add_argument("--listen", action="append", metavar="HOST:PORT",
+                   help=f"accept links here (default {DEFAULT_LISTEN}); repeatable")
+    p.add_argument("--peer", action="append", default=[], metavar="HOST:PORT",
+                   help="keep a link to this peer; repeatable")
+    p.add_argument("--no-lan", action="store_true", help="no mDNS discovery on the LAN")
+    p.add_argument("--no-ble", action="store_true", help="no Bluetooth LE")
+    return parser
+
+
+COMMANDS: dict[str, Callable[[argparse.Namespace, Profile], int]] = {
+    "init": cmd_init, "id": cmd_id, "contacts": cmd_contacts, "send": cmd_send,
+    "inbox": cmd_inbox, "outbox": cmd_outbox, "status": cmd_status, "relay": cmd_relay,
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr,
+    )
+    profile = Profile.resolve(Path(args.home) if args.home else None)
+    try:
+        return COMMANDS[args.command](args, profile)
+    except UserError as exc:
+        print(f"pigeon: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

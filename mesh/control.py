@@ -1,0 +1,154 @@
+"""The local control socket: how a second process on a profile reaches the running node.
+
+JSON lines over a Unix socket in the profile directory (directory 0700, socket 0600), so
+only the profile's owner can talk to it. Each request is one line ``{"op": ..., ...}``;
+each reply one line ``{"ok": true, "result": ...}`` or ``{"ok": false, "error": ...}``.
+``subscribe`` turns the connection into a stream of node events, one per line. Lines
+are capped, so a misbehaving local client cannot make the node buffer without bound.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import socket
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+from mesh import api
+from mesh.errors import UserError
+
+log = logging.getLogger("pigeon.control")
+
+MAX_LINE = 1 << 20
+
+Handler = Callable[[dict[str, Any]], Awaitable[Any]]
+
+
+class ControlServer:
+    """Serves ``ops`` (name -> async handler) and event subscriptions on a Unix socket."""
+
+    def __init__(self, path: Path, ops: dict[str, Handler],
+                 subscribe: Callable[[], asyncio.Queue[api.NodeEvent]],
+                 unsubscribe: Callable[[asyncio.Queue[api.NodeEvent]], None]) -> None:
+        self.path = path
+        self._ops = ops
+        self._subscribe = subscribe
+        self._unsubscribe = unsubscribe
+        self._server: asyncio.Server | None = None
+        self._clients: set[asyncio.Task[Any]] = set()
+
+    async def start(self) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            self.path.unlink()  # stale socket of a crashed node; we hold the profile lock
+        old_umask = os.umask(0o177)
+        try:
+            self._server = await asyncio.start_unix_server(
+                self._handle, path=str(self.path), limit=MAX_LINE,
+            )
+        finally:
+            os.umask(old_umask)
+        os.chmod(self.path, 0o600)
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            self._server.close()
+        for task in list(self._clients):
+            task.cancel()
+        with contextlib.suppress(FileNotFoundError):
+            self.path.unlink()
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        if task is not None:
+            self._clients.add(task)
+        try:
+            while True:
+                try:
+                    line = await reader.readline()
+                except (ValueError, asyncio.LimitOverrunError):
+                    await _write(writer, {"ok": False, "error": "request too long"})
+                    return
+                if not line:
+                    return
+                try:
+                    request = json.loads(line)
+                    if not isinstance(request, dict) or not isinstance(request.get("op"), str):
+                        raise ValueError("not an object with an op")
+                except ValueError as exc:
+                    await _write(writer, {"ok": False, "error": f"bad request: {exc}"})
+                    continue
+                if request["op"] == "subscribe":
+                    await self._stream_events(writer)
+                    return
+                await _write(writer, await self._dispatch(request))
+        except (ConnectionError, asyncio.CancelledError):
+            pass
+        finally:
+            if task is not None:
+                self._clients.discard(task)
+            with contextlib.suppress(Exception):
+                writer.close()
+
+    async def _dispatch(self, request: dict[str, Any]) -> dict[str, Any]:
+        handler = self._ops.get(request["op"])
+        if handler is None:
+            return {"ok": False, "error": f"unknown op {request['op']!r}"}
+        try:
+            return {"ok": True, "result": await handler(request)}
+        except UserError as exc:
+            return {"ok": False, "error": str(exc)}
+        except Exception as exc:
+            log.exception("control op %s failed", request["op"])
+            return {"ok": False, "error": f"internal error: {type(exc).__name__}"}
+
+    async def _stream_events(self, writer: asyncio.StreamWriter) -> None:
+        queue = self._subscribe()
+        try:
+            await _write(writer, {"ok": True, "result": "subscribed"})
+            while True:
+                event = await queue.get()
+                await _write(writer, api.to_dict(event))
+        finally:
+            self._unsubscribe(queue)
+
+
+async def _write(writer: asyncio.StreamWriter, obj: Any) -> None:
+    writer.write(json.dumps(obj).encode() + b"\n")
+    await writer.drain()
+
+
+def call(path: Path, op: str, timeout: float = 30.0, **args: Any) -> Any:
+    """Blocking one-shot request for CLI commands; raises UserError with the node's message."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(timeout)
+        sock.connect(str(path))
+        sock.sendall(json.dumps({"op": op, **args}).encode() + b"\n")
+        buf = bytearray()
+        while not buf.endswith(b"\n"):
+            chunk = sock.recv(65536)
+            if not chunk:
+                raise UserError("the running node closed the control connection")
+            buf += chunk
+            if len(buf) > MAX_LINE * 16:
+                raise UserError("reply from the running node is too large")
+    reply = json.loads(buf)
+    if not reply.get("ok"):
+        raise UserError(str(reply.get("error", "request failed")))
+    return reply.get("result")
+
+
+def reachable(path: Path) -> bool:
+    if not path.exists():
+        return False
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(1.0)
+        try:
+            sock.connect(str(path))
+        except OSError:
+            return False
+    return True

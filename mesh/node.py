@@ -1,0 +1,531 @@
+"""The asyncio node runtime: owns the store, the links and their sessions.
+
+It repeats aioquic's rhythm for every link: feed the session what the transport read,
+drain the session's events (storing what arrived, in one transaction per batch, and only
+then acknowledging), write what the session wants to send, re-arm its one timer.
+Everything protocol-shaped lives in ``mesh.session``; this file only moves bytes, commits
+rows and tells the outside world (CLI, TUI, control socket) what happened.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from mesh import api, sealing
+from mesh.envelope import DEFAULT_TTL_S, Envelope, Receipt, minutes, receipt_hash
+from mesh.errors import UserError
+from mesh.identity import Identity, PublicIdentity, decode_contact
+from mesh.noise import KeyPair, generate_keypair
+from mesh.routing import RoutingPolicy
+from mesh.session import (
+    EnvelopeReceived,
+    HandshakeCompleted,
+    ItemDropped,
+    ItemsAcknowledged,
+    LinkClosed,
+    LinkSession,
+    ReceiptReceived,
+    ReconcileCompleted,
+    SessionConfig,
+    SyncCompleted,
+    SyncProgressed,
+    TransferPlanned,
+)
+from mesh.store import AddResult, Store
+from mesh.transports.base import Link
+from mesh.transports.tcp import connect_tcp, listen_tcp
+
+log = logging.getLogger("pigeon.node")
+
+LINK_KEY_LIFETIME_S = 3600.0
+SWEEP_INTERVAL_S = 60.0
+
+
+def short(item_id: bytes) -> str:
+    """Message ids in logs: enough to correlate, never key material."""
+    return item_id.hex()[:12]
+
+
+@dataclass
+class NodeConfig:
+    listen: list[tuple[str, int]] = field(default_factory=list)
+    peers: list[tuple[str, int]] = field(default_factory=list)
+    session: SessionConfig = field(default_factory=SessionConfig)
+    max_links: int = 32
+    backoff_initial_s: float = 0.5
+    backoff_max_s: float = 30.0
+    ttl_s: int = DEFAULT_TTL_S
+    hops: int | None = None
+
+
+class _LinkRunner:
+    """Drives one session over one link."""
+
+    def __init__(self, node: Node, link: Link, session: LinkSession) -> None:
+        self.node = node
+        self.link = link
+        self.session = session
+        self.wake = asyncio.Event()
+        self.connected_at = node.clock()
+        self.peer_key: str = ""
+        self.closed_reason: str | None = None
+
+    async def run(self) -> None:
+        reader = asyncio.create_task(self._read_loop())
+        try:
+            while not self.session.closed:
+                await self._pump()
+                if self.session.closed:
+                    break
+                timer = self.session.get_timer()
+                delay = 1.0 if timer is None else max(0.0, timer - self.node.clock())
+                self.wake.clear()
+                try:
+                    await asyncio.wait_for(self.wake.wait(), timeout=delay)
+                except TimeoutError:
+                    self.session.handle_timer(self.node.clock())
+            await self._pump()  # flush a Close frame, deliver the LinkClosed event
+        finally:
+            reader.cancel()
+            with contextlib.suppress(BaseException):
+                await reader
+            self.link.close()
+            self.node._runner_done(self)
+
+    async def _read_loop(self) -> None:
+        while True:
+            data = await self.link.read()
+            if not data:
+                if not self.session.closed:
+                    self.session.close("link lost")
+                    self.closed_reason = "link lost"
+                self.wake.set()
+                return
+            self.session.receive_data(data, self.node.clock())
+            self.wake.set()
+
+    async def _pump(self) -> None:
+        for _ in range(10_000):
+            self.node._drain_events(self)
+            data = self.session.data_to_send(self.node.clock())
+            if not data:
+                return
+            try:
+                await self.link.write(data)
+            except (ConnectionError, OSError):
+                if not self.session.closed:
+                    self.session.close("write failed")
+                self.node._drain_events(self)
+                return
+
+
+class Node:
+    """A Pigeon node. The public methods are the API the CLI and the TUI use."""
+
+    def __init__(
+        self, identity: Identity, store: Store, config: NodeConfig | None = None, *,
+        clock: Callable[[], float] = time.time, policy: RoutingPolicy | None = None,
+    ) -> None:
+        self.identity = identity
+        self.store = store
+        self.config = config or NodeConfig()
+        self.clock = clock
+        self.policy = policy or RoutingPolicy()
+        self._link_key: KeyPair = generate_keypair()
+        self._link_key_born = clock()
+        self._runners: set[_LinkRunner] = set()
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._servers: list[asyncio.Server] = []
+        self._subscribers: list[asyncio.Queue[api.NodeEvent]] = []
+        self._started_at = clock()
+        self._stopping = False
+        self.listening: list[str] = []
+
+    # ---- lifecycle -----------------------------------------------------------------
+
+    async def start(self) -> None:
+        for host, port in self.config.listen:
+            server = await listen_tcp(host, port, self._accept_tcp)
+            self._servers.append(server)
+            for sock in server.sockets:
+                name = sock.getsockname()
+                self.listening.append(f"{name[0]}:{name[1]}")
+                log.info("listening on %s:%s", name[0], name[1])
+        for host, port in self.config.peers:
+            self._spawn(self._dial_forever(host, port))
+        self._spawn(self._housekeeping())
+
+    async def stop(self) -> None:
+        self._stopping = True
+        for server in self._servers:
+            server.close()
+        for runner in list(self._runners):
+            runner.session.close("node shutting down")
+            runner.wake.set()
+        deadline = time.monotonic() + 2.0
+        while self._runners and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        for task in list(self._tasks):
+            task.cancel()
+        for task in list(self._tasks):
+            with contextlib.suppress(BaseException):
+                await task
+        for server in self._servers:
+            with contextlib.suppress(Exception):
+                await server.wait_closed()
+
+    def _spawn(self, coro: Any) -> asyncio.Task[Any]:
+        task: asyncio.Task[Any] = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    # ---- links -----------------------------------------------------------------------
+
+    def add_link(self, link: Link, *, initiator: bool) -> asyncio.Task[Any] | None:
+        """Run a session over an already-open link; returns the task, or None if refused."""
+        if self._stopping or len(self._runners) >= self.config.max_links:
+            log.warning("refused link from %s: too many links", link.address)
+            link.close()
+            return None
+        now = self.clock()
+        if now - self._link_key_born > LINK_KEY_LIFETIME_S:
+            self._link_key, self._link_key_born = generate_keypair(), now
+        session = LinkSession(
+            initiator=initiator, static=self._link_key, source=self.store, now=now,
+            policy=self.policy, config=self.config.session,
+        )
+        runner = _LinkRunner(self, link, session)
+        self._runners.add(runner)
+        return self._spawn(runner.run())
+
+    async def _accept_tcp(self, link: Link) -> None:
+        task = self.add_link(link, initiator=False)
+        if task is not None:
+            with contextlib.suppress(BaseException):
+                await task
+
+    async def _dial_forever(self, host: str, port: int) -> None:
+        backoff = self.config.backoff_initial_s
+        while not self._stopping:
+            started = self.clock()
+            try:
+                link = await connect_tcp(host, port)
+            except (OSError, TimeoutError) as exc:
+                log.debug("dial %s:%s failed: %s", host, port, exc)
+            else:
+                task = self.add_link(link, initiator=True)
+                if task is not None:
+                    with contextlib.suppress(BaseException):
+                        await task
+                if self.clock() - started > 30:
+                    backoff = self.config.backoff_initial_s
+            if self._stopping:
+                return
+            await asyncio.sleep(backoff * (0.5 + random.random()))
+            backoff = min(backoff * 2, self.config.backoff_max_s)
+
+    def _runner_done(self, runner: _LinkRunner) -> None:
+        self._runners.discard(runner)
+
+    # ---- session events --------------------------------------------------------------
+
+    def _drain_events(self, runner: _LinkRunner) -> None:
+        session = runner.session
+        received: list[EnvelopeReceived | ReceiptReceived] = []
+        while (event := session.next_event()) is not None:
+            if isinstance(event, EnvelopeReceived | ReceiptReceived):
+                received.append(event)
+            elif isinstance(event, ItemsAcknowledged):
+                self._on_acknowledged(runner, event)
+            elif isinstance(event, HandshakeCompleted):
+                runner.peer_key = event.remote_key.hex()[:16]
+                log.info("peer connected %s via %s %s", runner.peer_key,
+                         runner.link.transport, runner.link.address)
+                self._publish(api.PeerChanged(peer=api.to_dict(self._peer_info(runner)),
+                                              connected=True))
+            elif isinstance(event, ReconcileCompleted):
+                log.info("reconciled with %s in %d round trips: %d to send, %d wanted",
+                         runner.peer_key, event.round_trips, event.to_send, event.wanted)
+            elif isinstance(event, SyncCompleted):
+                log.info("sync with %s complete: sent %d, received %d",
+                         runner.peer_key, event.sent, event.received)
+                self._publish_peer(runner)
+            elif isinstance(event, SyncProgressed | TransferPlanned):
+                self._publish_peer(runner)
+            elif isinstance(event, ItemDropped):
+                log.info("dropped item %s from %s: %s", short(event.item_id),
+                         runner.peer_key, event.reason)
+            elif isinstance(event, LinkClosed):
+                level = logging.WARNING if event.error else logging.INFO
+                log.log(level, "peer disconnected %s (%s %s): %s", runner.peer_key or "?",
+                        runner.link.transport, runner.link.address, event.reason)
+                if runner.peer_key:
+                    self._publish(api.PeerChanged(
+                        peer=api.to_dict(self._peer_info(runner)), connected=False))
+        if received:
+            self._store_received(runner, received)
+
+    def _store_received(
+        self, runner: _LinkRunner, events: list[EnvelopeReceived | ReceiptReceived],
+    ) -> None:
+        now = self.clock()
+        new_ids: list[bytes] = []
+        acks: list[tuple[bytes, bool]] = []
+        published: list[api.NodeEvent] = []
+        with self.store.batch():
+            for event in events:
+                if isinstance(event, ReceiptReceived):
+                    stored = self._take_receipt(event.receipt, now, new_ids, published)
+                    acks.append((event.receipt.id, stored))
+                else:
+                    stored = self._take_envelope(runner, event.envelope, now, new_ids, published)
+                    acks.append((event.envelope.id, stored))
+        # Committed: now, and only now, acknowledge and tell everyone else.
+        for item_id, stored in acks:
+            if not runner.session.closed:
+                runner.session.acknowledge(item_id, stored=stored)
+        for note in published:
+            self._publish(note)
+        if new_ids:
+            # The session skips ids its peer already has, so the link they came from
+            # only gets what is new to it (the receipt we just issued, for example).
+            self._offer(new_ids)
+
+    def _take_receipt(self, receipt: Receipt, now: float, new_ids: list[bytes],
+                      published: list[api.NodeEvent]) -> bool:
+        is_new, purged = self.store.add_receipt(receipt, now=now)
+        if is_new:
+            new_ids.append(receipt.id)
+            log.info("receipt stored %s (purged %d copies)", short(receipt.id), len(purged))
+        msg_id = self.store.outbox_by_receipt_hash(receipt.id)
+        if msg_id is not None and self.store.outbox_set_state(msg_id, api.STATE_DELIVERED, now=now):
+            log.info("delivered %s", msg_id[:12])
+            published.append(api.MessageStateChanged(id=msg_id, state=api.STATE_DELIVERED))
+        return True
+
+    def _take_envelope(self, runner: _LinkRunner, env: Envelope, now: float,
+                       new_ids: list[bytes], published: list[api.NodeEvent]) -> bool:
+        if self.store.has(env.id):
+            return True
+        direct = sealing.open_direct(self.identity, env)
+        if direct is not None:
+            self._accept_direct(env, direct, now, new_ids, published)
+            return True
+        stored_env = env.with_mutable(hops_left=self.policy.hops_to_store(env))
+        result = self.store.add_envelope(stored_env, now=now, origin=runner.peer_key)
+        if result == AddResult.STORED:
+            new_ids.append(env.id)
+            log.info("stored %s from %s (%d bytes)", short(env.id), runner.peer_key, env.size)
+            self._open_channels(env, now, published)
+            return True
+        if result in (AddResult.DUPLICATE, AddResult.ANSWERED):
+            return True
+        log.info("refused %s from %s: %s", short(env.id), runner.peer_key, result.name.lower())
+        return False
+
+    def _accept_direct(self, env: Envelope, msg: sealing.DirectMessage, now: float,
+                       new_ids: list[bytes], published: list[api.NodeEvent]) -> None:
+        contact = self.store.contact_by_key(msg.sender.sign_pub)
+        conversation = contact.name if contact is not None else _stranger(msg.sender, msg.sender_name)
+        added = self.store.inbox_add(
+            env.id.hex(), conversation=conversation, sender_key=msg.sender.sign_pub,
+            sender_name=conversation, text=msg.text, sent_at=msg.sent_at, received_at=now,
+            kind="direct",
+        )
+        # Keep only a tombstone of the envelope, and release the receipt (the antidote).
+        self.store.add_envelope(env, now=now, origin="self")
+        self.store.delete_envelope(env.id, now=now)
+        receipt = Receipt(secret=msg.receipt_secret, issued_min=minutes(now))
+        is_new, _ = self.store.add_receipt(receipt, now=now)
+        if is_new:
+            new_ids.append(receipt.id)
+        if added:
+            log.info("delivered to us %s", short(env.id))
+            published.append(api.MessageReceived(message=api.to_dict(api.InboxMessage(
+                id=env.id.hex(), conversation=conversation, sender=conversation, text=msg.text,
+                sent_at=msg.sent_at, received_at=now, kind="direct",
+                verified_sender=bool(contact and contact.verified),
+            ))))
+
+    def _open_channels(self, env: Envelope, now: float, published: list[api.NodeEvent]) -> None:
+        for channel in self._channels():
+            msg = sealing.open_channel(channel, env)
+            if msg is None:
+                continue
+            contact = self.store.contact_by_key(msg.sender.sign_pub)
+            sender = contact.name if contact is not None else _stranger(msg.sender, msg.sender_name)
+            if self.store.inbox_add(
+                env.id.hex(), conversation=f"#{channel.name}", sender_key=msg.sender.sign_pub,
+                sender_name=sender, text=msg.text, sent_at=msg.sent_at, received_at=now,
+                kind="channel",
+            ):
+                published.append(api.MessageReceived(message=api.to_dict(api.InboxMessage(
+                    id=env.id.hex(), conversation=f"#{channel.name}", sender=sender,
+                    text=msg.text, sent_at=msg.sent_at, received_at=now, kind="channel",
+                    verified_sender=bool(contact and contact.verified),
+                ))))
+            return
+
+    def _channels(self) -> list[sealing.ChannelKey]:
+        rows = [sealing.ChannelKey(name=row.name, key=row.key) for row in self.store.channel_list()]
+        return [sealing.PUBLIC_CHANNEL, *rows]
+
+    def _on_acknowledged(self, runner: _LinkRunner, event: ItemsAcknowledged) -> None:
+        now = self.clock()
+        for item_id in event.ids:
+            msg_id = item_id.hex()
+            if self.store.outbox_set_state(msg_id, api.STATE_RELAYED, now=now):
+                log.info("handed %s to %s", msg_id[:12], runner.peer_key)
+                self._publish(api.MessageStateChanged(id=msg_id, state=api.STATE_RELAYED))
+            else:
+                log.debug("forwarded %s to %s", short(item_id), runner.peer_key)
+
+    def _offer(self, ids: list[bytes]) -> None:
+        for runner in self._runners:
+            if not runner.session.closed:
+                runner.session.offer(ids)
+                runner.wake.set()
+
+    # ---- public API ---------------------------------------------------------------
+
+    def subscribe(self, maxsize: int = 1000) -> asyncio.Queue[api.NodeEvent]:
+        """A queue of NodeEvents; a slow subscriber loses the oldest events, never blocks us."""
+        queue: asyncio.Queue[api.NodeEvent] = asyncio.Queue(maxsize)
+        self._subscribers.append(queue)
+        return queue
+
+    def unsubscribe(self, queue: asyncio.Queue[api.NodeEvent]) -> None:
+        with contextlib.suppress(ValueError):
+            self._subscribers.remove(queue)
+
+    def _publish(self, event: api.NodeEvent) -> None:
+        for queue in self._subscribers:
+            if queue.full():
+                with contextlib.suppress(asyncio.QueueEmpty):
+                    queue.get_nowait()
+            queue.put_nowait(event)
+
+    def _publish_peer(self, runner: _LinkRunner) -> None:
+        if runner.peer_key:
+            self._publish(api.PeerChanged(peer=api.to_dict(self._peer_info(runner)), connected=True))
+
+    def send(self, contact_name: str, text: str) -> str:
+        """Seal ``text`` to a contact, store it durably and push it to every live link."""
+        msg_id = queue_direct(self.store, self.identity, contact_name, text, now=self.clock(),
+                              ttl_s=self.config.ttl_s, hops=self.config.hops)
+        self._offer([bytes.fromhex(msg_id)])
+        log.info("queued %s", msg_id[:12])
+        return msg_id
+
+    def add_contact(self, name: str, code: str) -> api.ContactInfo:
+        return add_contact(self.store, name, code, now=self.clock())
+
+    def contacts(self) -> list[api.ContactInfo]:
+        return list_contacts(self.store)
+
+    def inbox(self) -> list[api.InboxMessage]:
+        return list_inbox(self.store)
+
+    def outbox(self) -> list[api.OutboxMessage]:
+        return list_outbox(self.store)
+
+    def _peer_info(self, runner: _LinkRunner) -> api.PeerInfo:
+        s = runner.session
+        return api.PeerInfo(
+            link_key=runner.peer_key, transport=runner.link.transport,
+            address=runner.link.address, state=s.state.value, connected_at=runner.connected_at,
+            sent=s.sent_items, received=s.received_items, to_send=s._to_send,
+            to_receive=s._to_receive,
+        )
+
+    def peers(self) -> list[api.PeerInfo]:
+        return [self._peer_info(r) for r in self._runners if r.peer_key and not r.session.closed]
+
+    def status(self) -> api.Status:
+        stats = self.store.stats()
+        return api.Status(
+            node_id=self.identity.public.node_id.hex(), name=self.identity.name,
+            envelopes=stats.envelopes, bytes=stats.bytes, receipts=stats.receipts,
+            carried_for_others=stats.envelopes - stats.local_envelopes,
+            peers=[api.to_dict(p) for p in self.peers()], listening=list(self.listening),
+            uptime=self.clock() - self._started_at,
+        )
+
+    async def _housekeeping(self) -> None:
+        while True:
+            await asyncio.sleep(SWEEP_INTERVAL_S)
+            removed = self.store.sweep(self.clock())
+            if removed:
+                log.info("swept %d expired items", removed)
+
+
+def _stranger(sender: PublicIdentity, claimed: str) -> str:
+    return f"~{claimed} ({sender.node_id.hex()[:8]})"
+
+
+# ---- operations shared by the node and by CLI commands run without a node --------------
+
+
+def queue_direct(store: Store, identity: Identity, contact_name: str, text: str, *,
+                 now: float, ttl_s: int = DEFAULT_TTL_S, hops: int | None = None) -> str:
+    contact = store.contact_by_name(contact_name)
+    if contact is None:
+        raise UserError(f"no contact named {contact_name!r}; add one with 'pigeon contacts add'")
+    if not text:
+        raise UserError("empty message")
+    recipient = PublicIdentity.from_sign_pub(contact.sign_pub)
+    kwargs: dict[str, Any] = {"now": now, "ttl_s": ttl_s}
+    if hops is not None:
+        kwargs["hops"] = hops
+    env, secret = sealing.seal_direct(identity, recipient, text, **kwargs)
+    with store.batch():
+        store.add_envelope(env, now=now, origin="self", local=True)
+        store.outbox_add(env.id.hex(), contact=contact_name, text=text, now=now,
+                         receipt_hash=receipt_hash(secret))
+    return env.id.hex()
+
+
+def add_contact(store: Store, name: str, code: str, *, now: float) -> api.ContactInfo:
+    public, _claimed = decode_contact(code)
+    clean = name.strip()
+    if not clean or len(clean) > 64 or any(ord(c) < 32 or ord(c) == 127 for c in clean):
+        raise UserError("contact names are 1-64 printable characters")
+    store.contact_add(name=clean, sign_pub=public.sign_pub, now=now)
+    return api.ContactInfo(name=clean, node_id=public.node_id.hex(),
+                           fingerprint=public.fingerprint, verified=False)
+
+
+def list_contacts(store: Store) -> list[api.ContactInfo]:
+    out = []
+    for row in store.contact_list():
+        public = PublicIdentity.from_sign_pub(row.sign_pub)
+        out.append(api.ContactInfo(name=row.name, node_id=public.node_id.hex(),
+                                   fingerprint=public.fingerprint, verified=row.verified))
+    return out
+
+
+def list_inbox(store: Store) -> list[api.InboxMessage]:
+    return [
+        api.InboxMessage(
+            id=row.msg_id, conversation=row.conversation, sender=row.sender_name,
+            text=row.text, sent_at=row.sent_at, received_at=row.received_at, kind=row.kind,
+            verified_sender=False,
+        )
+        for row in store.inbox_list()
+    ]
+
+
+def list_outbox(store: Store) -> list[api.OutboxMessage]:
+    return [
+        api.OutboxMessage(id=row.msg_id, to=row.contact, text=row.text, state=row.state,
+                          created_at=row.created_at)
+        for row in store.outbox_list()
+    ]

@@ -1,0 +1,1 @@
+"""Transports turn a medium into byte-stream links between two nodes."""

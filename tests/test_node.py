@@ -1,0 +1,185 @@
+"""Real node runtimes (SQLite stores, asyncio, real sessions) joined by memory links."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from mesh import api
+from mesh.identity import Identity, encode_contact
+from mesh.node import Node, NodeConfig
+from mesh.store import Store
+from mesh.transports.memory import memory_pipe
+
+START = 1_790_000_000.0
+
+
+class Clock:
+    def __init__(self, t: float = START) -> None:
+        self.t = t
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def make_node(tmp_path: Path, name: str, clock: Clock, **config: object) -> Node:
+    identity = Identity.generate(name)
+    store = Store.open(tmp_path / name / "store.sqlite")
+    return Node(identity, store, NodeConfig(**config), clock=clock)  # type: ignore[arg-type]
+
+
+def befriend(a: Node, b: Node) -> None:
+    a.add_contact(b.identity.name, encode_contact(b.identity.public, b.identity.name))
+    b.add_contact(a.identity.name, encode_contact(a.identity.public, a.identity.name))
+
+
+async def wait_until(pred: Callable[[], bool], timeout: float = 20.0) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not pred():
+        if loop.time() > deadline:
+            raise AssertionError("condition not reached in time")
+        await asyncio.sleep(0.01)
+
+
+class Link:
+    def __init__(self, a: Node, b: Node) -> None:
+        self.a, self.b = a, b
+        self.la, self.lb = memory_pipe(a.identity.name, b.identity.name)
+        self.ta = a.add_link(self.la, initiator=True)
+        self.tb = b.add_link(self.lb, initiator=False)
+
+    def synced(self) -> bool:
+        pa, pb = self.a.peers(), self.b.peers()
+        return bool(pa) and bool(pb) and all(p.state == "live" for p in pa + pb)
+
+    async def close(self) -> None:
+        self.la.close()
+        self.lb.close()
+        for task in (self.ta, self.tb):
+            if task is not None:
+                await asyncio.wait_for(task, 5)
+
+
+def inbox_texts(node: Node) -> list[str]:
+    return [m.text for m in node.inbox()]
+
+
+def outbox_state(node: Node, msg_id: str) -> str:
+    return next(m.state for m in node.outbox() if m.id == msg_id)
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock()
+
+
+async def test_direct_neighbours_deliver_and_receipt_returns(tmp_path: Path, clock: Clock) -> None:
+    a, b = make_node(tmp_path, "alice", clock), make_node(tmp_path, "bob", clock)
+    befriend(a, b)
+    msg_id = a.send("bob", "hello bob")
+    assert outbox_state(a, msg_id) == api.STATE_QUEUED
+    events = a.subscribe()
+    link = Link(a, b)
+    await wait_until(lambda: inbox_texts(b) == ["hello bob"])
+    await wait_until(lambda: outbox_state(a, msg_id) == api.STATE_DELIVERED)
+    states = []
+    while not events.empty():
+        ev = events.get_nowait()
+        if isinstance(ev, api.MessageStateChanged):
+            states.append(ev.state)
+    assert states == [api.STATE_RELAYED, api.STATE_DELIVERED]
+    assert b.inbox()[0].sender == "alice"
+    await link.close()
+    await a.stop()
+    await b.stop()
+
+
+async def test_chain_relay_cannot_read_and_receipt_purges(tmp_path: Path, clock: Clock) -> None:
+    a, b, c = (make_node(tmp_path, n, clock) for n in ("alice", "relay", "carol"))
+    befriend(a, c)  # a and c know each other but never meet
+    secret_text = "meet at the bakery at nine"
+    msg_id = a.send("carol", secret_text)
+    ab = Link(a, b)
+    await wait_until(lambda: outbox_state(a, msg_id) == api.STATE_RELAYED)
+    await ab.close()
+    assert b.inbox() == []
+    assert b.store.stats().envelopes == 1
+    bc = Link(b, c)
+    await wait_until(lambda: inbox_texts(c) == [secret_text])
+    await wait_until(lambda: b.store.stats().envelopes == 0)  # receipt purged the copy
+    await bc.close()
+    ab2 = Link(a, b)
+    await wait_until(lambda: outbox_state(a, msg_id) == api.STATE_DELIVERED)
+    await ab2.close()
+    for n in (a, b, c):
+        await n.stop()
+    raw = (tmp_path / "relay" / "store.sqlite").read_bytes()
+    wal = tmp_path / "relay" / "store.sqlite-wal"
+    raw += wal.read_bytes() if wal.exists() else b""
+    assert secret_text.encode() not in raw
+
+
+async def test_fifty_node_line_delivers_end_to_end(tmp_path: Path, clock: Clock) -> None:
+    nodes = [make_node(tmp_path, f"n{i}", clock, hops=60) for i in range(50)]
+    befriend(nodes[0], nodes[-1])
+    msg_id = nodes[0].send("n49", "across fifty hops")
+    links = [Link(nodes[i], nodes[i + 1]) for i in range(49)]
+    await wait_until(lambda: inbox_texts(nodes[-1]) == ["across fifty hops"], timeout=60)
+    await wait_until(lambda: outbox_state(nodes[0], msg_id) == api.STATE_DELIVERED, timeout=60)
+    for link in links:
+        await link.close()
+    for n in nodes:
+        await n.stop()
+
+
+def epidemic_oracle(contacts: list[tuple[float, int, int]], messages: list[tuple[float, int, int]],
+                    ) -> set[int]:
+    """Which messages a time-respecting path can deliver (unlimited bandwidth)."""
+    deliverable = set()
+    for k, (t0, src, dst) in enumerate(messages):
+        have = {src}
+        for t, i, j in contacts:
+            if t >= t0 and (i in have or j in have):
+                have |= {i, j}
+        if dst in have:
+            deliverable.add(k)
+    return deliverable
+
+
+async def test_random_contact_schedule_over_30_nodes_delivers_everything(
+        tmp_path: Path, clock: Clock) -> None:
+    rng = random.Random(2024)
+    n = 30
+    nodes = [make_node(tmp_path, f"p{i}", clock, hops=30) for i in range(n)]
+    hours = 3600.0
+    contacts = sorted((rng.uniform(0, 12 * hours), *rng.sample(range(n), 2)) for _ in range(150))
+    messages = sorted((rng.uniform(0, 4 * hours), *rng.sample(range(n), 2)) for _ in range(25))
+    expected = epidemic_oracle(contacts, messages)
+    assert len(expected) == len(messages), "schedule too sparse for this seed"
+    for _, src, dst in messages:
+        if nodes[src].store.contact_by_name(f"p{dst}") is None:
+            befriend(nodes[src], nodes[dst])
+    events = sorted([(t, 0, k) for k, (t, _, _) in enumerate(messages)]
+                    + [(t, 1, k) for k, (t, _, _) in enumerate(contacts)])
+    sent: dict[int, str] = {}
+    for t, kind, k in events:
+        clock.t = START + t
+        if kind == 0:
+            _, src, dst = messages[k]
+            sent[k] = nodes[src].send(f"p{dst}", f"message {k}")
+            continue
+        _, i, j = contacts[k]
+        link = Link(nodes[i], nodes[j])
+        await wait_until(link.synced)
+        await link.close()
+    clock.t = START + 13 * hours
+    for k, (_, _, dst) in enumerate(messages):
+        assert f"message {k}" in inbox_texts(nodes[dst]), f"message {k} not delivered"
+        assert inbox_texts(nodes[dst]).count(f"message {k}") == 1
+    for node in nodes:
+        await node.stop()

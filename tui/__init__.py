@@ -1,0 +1,1 @@
+"""Pigeon's Textual terminal UI."""

@@ -36,6 +36,10 @@ from mesh.routing import KIND_RECEIPT, RoutingPolicy, SyncSource
 PROLOGUE = b"pigeon-link/"
 MAX_RECONCILE_ROUNDS = 64
 MAX_PEER_HAS = 1_000_000
+#: Handshake records are small (XX with a Hello payload is under 200 bytes); a peer that
+#: announces more before authenticating is not speaking Pigeon, so say so at once instead
+#: of waiting for the handshake timeout.
+MAX_HANDSHAKE_RECORD = 512
 #: Items offered while a reconciliation runs are remembered up to this many; beyond it
 #: the next reconciliation (every reconnect) finds them anyway.
 MAX_EARLY_OFFERS = 100_000
@@ -171,7 +175,7 @@ class LinkSession:
         self._static = static
         self._rng = rng
         self.state = State.HANDSHAKE
-        self._framer = wire.StreamFramer()
+        self._framer = wire.StreamFramer(max_record=MAX_HANDSHAKE_RECORD)
         self._out = bytearray()
         self._events: deque[SessionEvent] = deque()
         self._hs: HandshakeState | None = None
@@ -393,6 +397,7 @@ class LinkSession:
         if remote == self._static.public:
             raise RemoteProtocolError("connected to ourselves")
         self._send_cs, self._recv_cs = self._hs.split()
+        self._framer.max_record = wire.MAX_NOISE_MESSAGE
         self.remote_key = remote
         self._events.append(HandshakeCompleted(
             remote_key=remote, handshake_hash=self._hs.handshake_hash,

@@ -61,6 +61,7 @@ from mesh.store_app import (
 )
 
 __all__ = [
+    "ORIGIN_SELF",
     "SCHEMA_VERSION",
     "AddResult",
     "ChannelRow",
@@ -254,7 +255,6 @@ class Store(AppTablesMixin):
             # FULL: fsync the WAL on every commit, so a commit survives power loss too.
             conn.execute("PRAGMA synchronous=FULL")
             conn.execute("PRAGMA foreign_keys=ON")
-            conn.execute("PRAGMA cache_size=-32768")
             store = cls(conn, path, quota_bytes=quota_bytes, neighbour_share=neighbour_share)
             store._migrate()
         except sqlite3.DatabaseError as exc:
@@ -289,8 +289,9 @@ class Store(AppTablesMixin):
         have passed: ``sweep`` removes those.
         """
         return self._conn.execute(
-            _TOMBSTONE_SET + "WHERE kind = 'envelope' AND receipt_hash IN "
-            "(SELECT id FROM items WHERE kind = 'receipt')"
+            _TOMBSTONE_SET + "WHERE id IN (SELECT e.id FROM items AS r "
+            "JOIN items AS e INDEXED BY items_receipt_hash ON e.receipt_hash = r.id "
+            "WHERE r.kind = 'receipt' AND e.kind = 'envelope')"
         ).rowcount
 
     def close(self) -> None:

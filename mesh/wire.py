@@ -356,14 +356,14 @@ class StreamFramer:
 
     def __init__(self, max_record: int = MAX_NOISE_MESSAGE) -> None:
         self._buf = bytearray()
-        self._max = max_record
+        self.max_record = max_record
 
     def feed(self, data: bytes) -> list[bytes]:
         self._buf += data
         records: list[bytes] = []
         while len(self._buf) >= 2:
             (length,) = _LEN.unpack_from(self._buf)
-            if length == 0 or length > self._max:
+            if length == 0 or length > self.max_record:
                 raise RemoteProtocolError("record length out of range")
             if len(self._buf) < 2 + length:
                 break

@@ -9,6 +9,7 @@ import sqlite3
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -39,9 +40,9 @@ def make_env(
 
 
 @pytest.fixture
-def store(tmp_path: Path) -> Store:
+def store(tmp_path: Path) -> Iterator[Store]:
     s = Store.open(tmp_path / "profile" / "store.db")
-    yield s  # type: ignore[misc]
+    yield s
     s.close()
 
 
@@ -106,7 +107,8 @@ def test_add_get_duplicate_expired(store: Store) -> None:
     assert store.add_envelope(env, now=NOW, origin="ab12") is AddResult.STORED
     item = store.get_item(env.id)
     assert item is not None
-    assert item.kind == ItemKind.ENVELOPE == "envelope"
+    assert item.kind == "envelope"  # a StrEnum: plain strings compare equal
+    assert item.kind is ItemKind.ENVELOPE
     assert item.data == env.to_bytes()
     assert Envelope.from_bytes(item.data) == env
     assert (item.ts, item.expires_at, item.hops_left, item.size) == (T0, NOW + 600, 7, SIZE)
@@ -159,7 +161,7 @@ def test_receipt_purges_envelopes_into_tombstones(store: Store) -> None:
     for e in answered:
         item = store.get_item(e.id)
         assert item is not None
-        assert (item.kind, item.data, item.ts, item.size) == (ItemKind.TOMBSTONE, None, e.ts, 0)
+        assert (item.kind, item.data, item.ts, item.size) == (ItemKind.TOMBSTONE, None, e.created_min, 0)
         assert item.expires_at == e.dedup_until()
     r_item = store.get_item(receipt.id)
     assert r_item is not None and r_item.kind == ItemKind.RECEIPT
@@ -530,7 +532,7 @@ for i in range(20_000):
         break
     env = Envelope(kind=1, created_min=28_000_000, ttl_s=3600, receipt_hash=os.urandom(16),
                    body=os.urandom(200), ttl_left_s=3600)
-    store.add_envelope(env, now=now, origin="peer%d" % (i % 3))
+    store.add_envelope(env, now=now, origin=f"peer{i % 3}")
     print(env.id.hex(), flush=True)
 """
 
@@ -579,8 +581,8 @@ def test_hundred_thousand_envelopes(tmp_path: Path) -> None:
     for _ in range(n // per_batch):
         with s.batch():
             for _j in range(per_batch):
-                assert s.add_envelope(next(envs), now=NOW, origin="p%d" % (_j % 5)) \
-                    is AddResult.STORED
+                result = s.add_envelope(next(envs), now=NOW, origin=f"p{_j % 5}")
+                assert result is AddResult.STORED
     insert_s = time.perf_counter() - start
     start = time.perf_counter()
     keys = s.sync_keys()

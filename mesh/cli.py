@@ -207,8 +207,13 @@ def cmd_status(args: argparse.Namespace, profile: Profile) -> int:
 def cmd_relay(args: argparse.Namespace, profile: Profile) -> int:
     identity = _load_identity(profile, args)
     lock = ProfileLock(profile)
-    if not lock.try_acquire():
-        raise UserError(f"a node already runs on {profile.home}")
+    # A short CLI command (send, inbox...) may hold the lock for a moment; a node holds
+    # it for good and answers on its control socket.
+    deadline = time.monotonic() + LOCK_WAIT_S
+    while not lock.try_acquire():
+        if control.reachable(profile.control_path) or time.monotonic() > deadline:
+            raise UserError(f"a node already runs on {profile.home}")
+        time.sleep(0.1)
     try:
         listen = [parse_hostport(x) for x in (args.listen or [DEFAULT_LISTEN])]
         peers = [parse_hostport(x) for x in args.peer]

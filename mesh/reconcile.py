@@ -39,7 +39,7 @@ from __future__ import annotations
 import math
 from bisect import bisect_left, bisect_right
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import IntEnum
 from hashlib import blake2b
 from itertools import accumulate
@@ -53,7 +53,11 @@ MAX_TS = 2**32 - 2  # 2**32 - 1 is reserved for INFINITY
 MAX_RANGES_PER_MESSAGE = 4096
 MAX_IDS_PER_RANGE = 3000
 _MASK = (1 << 128) - 1
-_CUT_COST = 12 + ID_LEN + 18  # a fingerprint range ending at INFINITY
+_TAIL_GROWTH = 2
+_TAIL_LIST = False
+_MAX_SINGLE_TEST = 4096  # keys in a range we test for "the peer lacks exactly one of them"
+#: Kept free while writing: a skip range then a fingerprint range, both ending at INFINITY.
+_RESERVE = (12 + ID_LEN) + (30 + ID_LEN)
 
 
 class Mode(IntEnum):
@@ -130,10 +134,10 @@ def _estimate_density(counts: dict[int, list[int]]) -> float:
         return 0.0
     all_mismatched = not any(m for _, m, _ in obs)
 
-    def excess(lam: float) -> float:  # decreasing in lam
+    def excess(lam: float) -> float:  # decreasing in lam; zero at the estimate
         if all_mismatched:
-            return sum(x * math.log1p(-math.exp(-lam * c)) for c, _, x in obs) + math.log(2)
-        return sum(x * c / math.expm1(lam * c) - m * c for c, m, x in obs)
+            return -sum(x * math.log1p(-math.exp(-lam * c)) for c, _, x in obs) - math.log(2)
+        return sum(x * c / math.expm1(min(lam * c, 700.0)) - m * c for c, m, x in obs)
 
     lo, hi = -25.0, 3.0  # natural log of the density
     for _ in range(40):
@@ -145,15 +149,27 @@ def _estimate_density(counts: dict[int, list[int]]) -> float:
     return math.exp(hi)
 
 
-@dataclass(frozen=True)
-class _Detail:
-    """Pending output for one incoming range: the ranges we want to send for it."""
+class _Kind(IntEnum):
+    SKIP = 0  # agreed, or already resolved
+    DETAIL = 1  # mismatched: cut it up or list it (decided once the whole message is seen)
+    READY = 2  # what to send is already in ``ranges``
 
-    lo: int  # our key index where the incoming range starts
+
+@dataclass(slots=True)
+class _Item:
+    """What we will say about one incoming range ``[lower, upper)`` = our keys ``[lo, hi)``."""
+
+    lo: int
+    hi: int
     lower: Bound
     upper: Bound
-    ranges: list[Range]
-    fresh_lists: bool  # some of ``ranges`` are new id lists the peer must answer
+    kind: _Kind = _Kind.SKIP
+    ranges: list[Range] = field(default_factory=list)
+    fresh: bool = True  # our id lists in ``ranges`` are new (the peer must answer them)
+
+
+def _cost(ranges: Sequence[Range]) -> int:
+    return sum(_range_cost(r.upper, r.mode, len(r.ids)) for r in ranges)
 
 
 class Reconciler:
@@ -219,29 +235,23 @@ class Reconciler:
     def respond(self, message: ReconcileMessage) -> ReconcileMessage | None:
         """Process the peer's message; return our reply, or ``None`` when nothing is left."""
         ranges = self._validate(message)
-        details: list[_Detail | Range] = []
+        items: list[_Item] = []
         counts: dict[int, list[int]] = {}
         lo, lower = 0, _BOTTOM
         for r in ranges:
-            hi = self._index(r.upper, lo)
+            item = _Item(lo, self._index(r.upper, lo), lower, r.upper)
             if r.mode == Mode.FINGERPRINT:
-                same = self._fingerprint(lo, hi) == r.fingerprint
-                counts.setdefault(hi - lo, [0, 0])[0 if same else 1] += 1
-                if same:
-                    details.append(Range(r.upper, Mode.SKIP))
-                else:
-                    details.append(_Detail(lo, lower, r.upper, [], True))
+                same = self._fingerprint(item.lo, item.hi) == r.fingerprint
+                counts.setdefault(item.hi - item.lo, [0, 0])[0 if same else 1] += 1
+                if not same:
+                    self._on_mismatch(item, r.fingerprint)
             elif r.mode == Mode.IDLIST:
-                details.append(self._on_list(lo, hi, lower, r))
-            else:
-                details.append(Range(r.upper, Mode.SKIP))
-            lo, lower = hi, r.upper
-        density = _estimate_density(counts)
-        details = [
-            self._split(d, density) if isinstance(d, _Detail) and not d.ranges else d
-            for d in details
-        ]
-        reply = self._write(details)
+                self._on_list(item, r.ids)
+            items.append(item)
+            lo, lower = item.hi, r.upper
+        self._plan([i for i in items if i.kind == _Kind.DETAIL], _estimate_density(counts),
+                   sum(_cost(i.ranges) for i in items))
+        reply = self._write(items)
         if reply is None:
             self._finished = True
         return reply
@@ -319,19 +329,26 @@ class Reconciler:
         j = bisect_right(self._listed, ((lower.ts, lower.id_prefix), (INFINITY.ts + 1, b""))) - 1
         return j >= 0 and (upper.ts, upper.id_prefix) <= self._listed[j][1]
 
-    def _on_list(self, lo: int, hi: int, lower: Bound, r: Range) -> _Detail | Range:
-        theirs = self._resolve(lo, hi, r.ids)
-        if self._is_answer(lower, r.upper):
-            return Range(r.upper, Mode.SKIP)
-        keys = self._keys[lo:hi]
+    def _on_list(self, item: _Item, ids: Sequence[bytes]) -> None:
+        """Resolve the peer's complete list for ``item``; prepare our answer if one is due."""
+        theirs = self._resolve(item.lo, item.hi, ids)
+        if self._is_answer(item.lower, item.upper):
+            return  # the answer to our own list: both sides know this range now
+        keys = self._keys[item.lo : item.hi]
         common = [i for i, (_, x) in enumerate(keys) if x in theirs]
-        if len(common) == len(keys) == len(r.ids):
-            return Range(r.upper, Mode.SKIP)
-        # Where do their extra ids sit? Between two common ids, by the order of their list.
+        if len(common) == len(keys) == len(ids):
+            return
+        item.kind, item.fresh = _Kind.READY, False
+        if not keys:
+            item.ranges = [Range(item.upper, Mode.IDLIST)]
+            return
+        # Their extra ids lie between two common ids (by the order of their list), at a place
+        # we cannot see: a piece boundary inside such a gap could put them on the wrong side,
+        # so the gap and the common ids at its two ends are listed, never skipped.
         position = {x: i for i, (_, x) in enumerate(keys)}
         dirty = [x not in theirs for _, x in keys]
         gap, last, gaps = 0, -1, set()
-        for x in r.ids:
+        for x in ids:
             i = position.get(x)
             if i is None:
                 gaps.add(gap)
@@ -339,109 +356,160 @@ class Reconciler:
                 raise RemoteProtocolError("id list out of order")
             else:
                 last, gap = i, gap + 1
-        for g in gaps:  # pieces may not split such a gap: mark it and its two ends
+        for g in gaps:
             start = common[g - 1] if g > 0 else 0
             end = common[g] if g < len(common) else len(keys) - 1
             dirty[start : end + 1] = [True] * (end + 1 - start)
-        if not keys:
-            return _Detail(lo, lower, r.upper, [Range(r.upper, Mode.IDLIST)], False)
-        for i in range(1, len(keys) - 1):  # a lone clean key costs more as a skip
+        for i in range(1, len(keys) - 1):  # a lone agreeing id costs more as a skip
             if dirty[i - 1] and dirty[i + 1]:
                 dirty[i] = True
-        pieces: list[Range] = []
         start = 0
         for i in range(1, len(keys) + 1):
             if i < len(keys) and dirty[i] == dirty[start]:
                 continue
-            upper = _between(keys[i - 1], keys[i]) if i < len(keys) else r.upper
-            if dirty[start]:
-                if i - start > MAX_IDS_PER_RANGE:
-                    return _Detail(lo, lower, r.upper, [], False)  # too big: cut it instead
-                pieces.append(Range(upper, Mode.IDLIST, ids=tuple(self._ids[lo + start : lo + i])))
+            upper = _between(keys[i - 1], keys[i]) if i < len(keys) else item.upper
+            if not dirty[start]:
+                item.ranges.append(Range(upper, Mode.SKIP))
+            elif i - start > MAX_IDS_PER_RANGE:
+                break
             else:
-                pieces.append(Range(upper, Mode.SKIP))
+                ids_here = tuple(self._ids[item.lo + start : item.lo + i])
+                item.ranges.append(Range(upper, Mode.IDLIST, ids=ids_here))
             start = i
-        return _Detail(lo, lower, r.upper, pieces, False)
+        if start < len(keys) or _cost(item.ranges) > self._budget // 2:
+            item.kind, item.ranges, item.fresh = _Kind.DETAIL, [], True  # too big: cut it up
 
-    def _split(self, d: _Detail, density: float) -> _Detail:
-        """Detail for a mismatched range: our ids if few, else sub-range fingerprints."""
-        lo, hi = d.lo, self._index(d.upper, d.lo)
+    def _on_mismatch(self, item: _Item, fingerprint: bytes) -> None:
+        """A fingerprint differs. If the peer lacks exactly one of our keys, say which.
+
+        That is the commonest case once ranges are small, and trying every key of the range
+        costs one hash each: the peer then learns the id at once instead of after more cuts.
+        """
+        item.kind = _Kind.DETAIL
+        lo, hi = item.lo, item.hi
+        if not 0 < hi - lo <= _MAX_SINGLE_TEST:
+            return
+        total, sums = self._sums[hi] - self._sums[lo], self._sums
+        count = (hi - lo - 1).to_bytes(8, "little")
+        for j in range(lo, hi):
+            rest = (total - sums[j + 1] + sums[j]) & _MASK
+            if blake2b(rest.to_bytes(16, "little") + count, digest_size=16).digest() == fingerprint:
+                break
+        else:
+            return
+        self.have.add(self._ids[j])
+        keys = self._keys
+        below = _between(keys[j - 1], keys[j]) if j > lo else None
+        above = _between(keys[j], keys[j + 1]) if j + 1 < hi else item.upper
+        item.kind = _Kind.READY
+        item.ranges = [Range(above, Mode.IDLIST, ids=(self._ids[j],))]
+        if below is not None:
+            item.ranges.insert(0, Range(below, Mode.SKIP))
+        if above != item.upper:
+            item.ranges.append(Range(item.upper, Mode.SKIP))
+
+    def _plan(self, items: list[_Item], density: float, fixed: int) -> None:
+        """Choose the detail for every mismatched range so that the reply fits the budget.
+
+        Wanted: sub-ranges of about half a difference each (at least ``branching``), and an
+        id list for ranges of at most ``idlist_threshold`` keys. Over budget, lists shrink
+        and cuts coarsen together until it fits (bytes per difference are then lowest).
+        """
+        wanted = []
+        for item in items:
+            count = item.hi - item.lo
+            k = self._branching
+            if density > 0 and count > 0:
+                expected = density * count / -math.expm1(-min(density * count, 700.0))
+                k = max(k, math.ceil(2 * expected))
+            wanted.append(min(k, count))
+        limit, scale = self._list_max, 1.0
+        for _ in range(40):
+            total = fixed + sum(
+                17 * (c + 1) + 4 if c <= limit else 32 * max(2, int(k * scale))
+                for c, k in ((i.hi - i.lo, k) for i, k in zip(items, wanted, strict=True))
+            )
+            if total <= self._budget - 4 * _RESERVE:
+                break
+            limit, scale = max(2, limit * 3 // 4), scale * 0.75
+        for item, k in zip(items, wanted, strict=True):
+            item.ranges = self._detail(item, limit, max(2, int(k * scale)))
+
+    def _detail(self, item: _Item, limit: int, parts: int) -> list[Range]:
+        """Our ids in ``item`` if at most ``limit``, else ``parts`` equal-count sub-ranges.
+
+        The range that ends at INFINITY is cut finer towards the top (sizes ``limit``,
+        ``limit``, ``2*limit``, ... from the newest down), since new keys differ most often.
+        """
+        lo, hi = item.lo, item.hi
         count = hi - lo
-        if count <= self._list_max:
-            return _Detail(lo, d.lower, d.upper, [Range(d.upper, Mode.IDLIST, ids=tuple(self._ids[lo:hi]))], True)
-        k = self._branching
-        if density > 0:
-            expected = density * count / -math.expm1(-density * count)
-            k = max(k, min(math.ceil(2 * expected), count // 2))
+        if count <= limit:
+            return [Range(item.upper, Mode.IDLIST, ids=tuple(self._ids[lo:hi]))]
         cuts: list[int] = []
-        if d.upper == INFINITY:  # newest first: sizes T, T, 2T, 4T, ... from the top
-            size, top = self._list_max, hi
-            while top - size > lo and size * 2 <= count // k:
+        top = hi
+        if item.upper == INFINITY:
+            size = limit
+            while size <= count // parts // 2:
                 top -= size
                 cuts.append(top)
-                size = size * 2 if len(cuts) > 1 else size
-            hi_uniform = top
-        else:
-            hi_uniform = hi
-        n = hi_uniform - lo
-        parts = max(1, min(k, round(n * k / count) if count else 1))
-        cuts.extend(lo + (n * j) // parts for j in range(1, parts))
-        cuts = sorted(set(c for c in cuts if lo < c < hi))
+                size *= _TAIL_GROWTH if len(cuts) > 1 else 1
+        n = max(1, round((top - lo) * parts / count))
+        cuts.extend(lo + (top - lo) * j // n for j in range(1, n))
         ranges: list[Range] = []
         start = lo
-        for cut in [*cuts, hi]:
-            upper = _between(self._keys[cut - 1], self._keys[cut]) if cut < hi else d.upper
-            if cut - start <= 1:
+        for cut in [*sorted(set(cuts)), hi]:
+            if not lo < cut <= hi or cut == start:
+                continue
+            upper = _between(self._keys[cut - 1], self._keys[cut]) if cut < hi else item.upper
+            if cut - start <= 1 or (_TAIL_LIST and cut == hi and item.upper == INFINITY and cut - start <= limit):
                 ranges.append(Range(upper, Mode.IDLIST, ids=tuple(self._ids[start:cut])))
             else:
                 ranges.append(Range(upper, Mode.FINGERPRINT, self._fingerprint(start, cut)))
             start = cut
-        return _Detail(lo, d.lower, d.upper, ranges, True)
+        return ranges
 
-    def _write(self, details: list[_Detail | Range]) -> ReconcileMessage | None:
-        """Assemble the reply within budget; merge skips; remember the lists we sent."""
+    def _write(self, items: list[_Item]) -> ReconcileMessage | None:
+        """Assemble the reply within budget, merging skips; remember the lists we sent.
+
+        Detail that does not fit degrades to a plain fingerprint of that range (the peer
+        then cuts it up itself), and when even that does not fit, one fingerprint covers
+        everything from there to INFINITY. Detail always fits when it comes first, so every
+        round makes progress.
+        """
         out: list[Range] = []
-        size = 5
         listed: list[tuple[tuple[int, bytes], tuple[int, bytes]]] = []
-        expects_answer = False
+        size, asks = 5, False
         position = _BOTTOM
 
-        def add(r: Range) -> None:
+        def add(r: Range, fresh: bool = False) -> None:
             nonlocal size, position
             if r.mode == Mode.SKIP and out and out[-1].mode == Mode.SKIP:
-                size -= _range_cost(out[-1].upper, Mode.SKIP)
-                out.pop()
-            if r.mode == Mode.IDLIST and fresh:
+                size -= _range_cost(out.pop().upper, Mode.SKIP)
+            elif r.mode == Mode.IDLIST and fresh:
                 listed.append(((position.ts, position.id_prefix), (r.upper.ts, r.upper.id_prefix)))
             out.append(r)
             size += _range_cost(r.upper, r.mode, len(r.ids))
             position = r.upper
 
-        for n, d in enumerate(details):
-            fresh = False
-            if isinstance(d, Range):
-                add(d)
-                continue
-            cost = sum(_range_cost(r.upper, r.mode, len(r.ids)) for r in d.ranges)
-            room = self._budget - _CUT_COST - size
-            if cost <= room and len(out) + len(d.ranges) < self._max_ranges:
-                fresh = d.fresh_lists
-                for r in d.ranges:
-                    add(r)
-                expects_answer = expects_answer or d.fresh_lists or any(
-                    r.mode == Mode.FINGERPRINT for r in d.ranges)
-            elif 30 + len(d.upper.id_prefix) <= room and len(out) + 1 < self._max_ranges:
-                hi = self._index(d.upper, d.lo)
-                add(Range(d.upper, Mode.FINGERPRINT, self._fingerprint(d.lo, hi)))
-                expects_answer = True
+        for item in items:
+            room = self._budget - _RESERVE - size
+            if item.kind == _Kind.SKIP:
+                add(Range(item.upper, Mode.SKIP))
+            elif _cost(item.ranges) <= room and len(out) + len(item.ranges) + 2 <= self._max_ranges:
+                fresh = item.fresh
+                for r in item.ranges:
+                    add(r, fresh)
+                asks = asks or fresh
+            elif 30 + len(item.upper.id_prefix) <= room and len(out) + 3 <= self._max_ranges:
+                add(Range(item.upper, Mode.FINGERPRINT, self._fingerprint(item.lo, item.hi)))
+                asks = True
             else:
-                add(Range(INFINITY, Mode.FINGERPRINT, self._fingerprint(d.lo, len(self._keys))))
-                expects_answer = True
+                add(Range(INFINITY, Mode.FINGERPRINT, self._fingerprint(item.lo, len(self._keys))))
+                asks = True
                 break
-            del n
-        if not expects_answer and all(r.mode == Mode.SKIP for r in out):
+        if not asks and all(r.mode == Mode.SKIP for r in out):
             self._listed = []
             return None
         self._listed = listed
-        self._finished = not expects_answer
+        self._finished = not asks
         return ReconcileMessage(tuple(out))

@@ -58,6 +58,10 @@ class Relays:
                 proc.kill()
             proc.wait(timeout=10)
 
+    def dump_logs(self) -> None:
+        for log in sorted(self.tmp.glob("*/relay-*.log")):
+            print(f"==== {log}\n{log.read_text(errors='replace')[-4000:]}")
+
 
 @pytest.fixture
 def relays(tmp_path: Path) -> Iterator[Relays]:
@@ -92,6 +96,14 @@ def outbox_state(home: Path) -> str | None:
 
 @pytest.mark.slow
 def test_a_b_c_chain_with_kill_and_restart(tmp_path: Path, relays: Relays) -> None:
+    try:
+        chain_scenario(tmp_path, relays)
+    except BaseException:
+        relays.dump_logs()
+        raise
+
+
+def chain_scenario(tmp_path: Path, relays: Relays) -> None:
     homes = {n: tmp_path / n for n in "abc"}
     for name, home in homes.items():
         pigeon(home, "init", "--name", f"user-{name}")

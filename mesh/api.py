@@ -58,6 +58,41 @@ class ContactInfo:
 
 
 @dataclass(frozen=True)
+class ChannelInfo:
+    name: str
+    #: Invite code that lets someone else join; treat it like the passphrase.
+    invite: str
+    public: bool
+
+
+@dataclass(frozen=True)
+class ConversationInfo:
+    """One entry of the conversation list: ``name`` is a contact name, ``#channel`` or a
+    stranger's marked label (``~claimed (id)``); ``kind`` is contact|channel|stranger."""
+
+    name: str
+    kind: str
+    unread: int
+    verified: bool
+
+
+@dataclass(frozen=True)
+class ChatMessage:
+    """A message in a conversation, either direction. ``at`` is this device's clock
+    (display order); ``sent_at`` is the sender's claim; ``state`` only for outgoing."""
+
+    id: str
+    conversation: str
+    outgoing: bool
+    sender: str
+    text: str
+    at: float
+    sent_at: float
+    state: str
+    verified_sender: bool
+
+
+@dataclass(frozen=True)
 class PeerInfo:
     link_key: str
     transport: str
@@ -106,4 +141,26 @@ class PeerChanged:
     type: str = "peer"
 
 
-NodeEvent = MessageReceived | MessageStateChanged | PeerChanged
+@dataclass(frozen=True)
+class KeyWarning:
+    """Someone whose key is not the saved one claims a contact's name: a possible
+    impersonation or man in the middle, shown loudly, never merged silently."""
+
+    contact: str
+    claimed_by: str
+    fingerprint: str
+    type: str = "key_warning"
+
+
+NodeEvent = MessageReceived | MessageStateChanged | PeerChanged | KeyWarning
+
+
+def event_from_dict(data: Any) -> NodeEvent:
+    """Rebuild an event sent over the control socket; ValueError if it is not one."""
+    kinds: dict[str, type[Any]] = {"message_received": MessageReceived,
+                                    "message_state": MessageStateChanged, "peer": PeerChanged,
+                                    "key_warning": KeyWarning}
+    if not isinstance(data, dict) or data.get("type") not in kinds:
+        raise ValueError("not a node event")
+    event: NodeEvent = from_dict(kinds[data["type"]], data)
+    return event

@@ -22,18 +22,19 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from mesh import api, control
-from mesh.errors import UserError
-from mesh.identity import Identity, encode_contact, is_encrypted
-from mesh.node import (
-    Node,
-    NodeConfig,
+from mesh import control
+from mesh.chat import (
     add_contact,
     list_contacts,
     list_inbox,
     list_outbox,
-    queue_direct,
+    queue_message,
+    replace_contact_key,
+    verify_contact,
 )
+from mesh.errors import UserError
+from mesh.identity import Identity, encode_contact, is_encrypted
+from mesh.node import Node, NodeConfig
 from mesh.profile import Profile, ProfileLock
 from mesh.store import Store
 from mesh.transports.tcp import parse_hostport
@@ -137,6 +138,23 @@ def cmd_id(args: argparse.Namespace, profile: Profile) -> int:
 
 
 def cmd_contacts(args: argparse.Namespace, profile: Profile) -> int:
+    if args.contacts_cmd in ("replace", "verify"):
+        with _local_or_remote(profile) as store:
+            if args.contacts_cmd == "verify":
+                if store is None:
+                    control.call(profile.control_path, "contacts_verify", name=args.name)
+                else:
+                    verify_contact(store, args.name)
+                print(f"{args.name} marked verified")
+                return 0
+            if store is None:
+                info = control.call(profile.control_path, "contacts_replace", name=args.name,
+                                    code=args.code)
+            else:
+                info = asdict(replace_contact_key(store, args.name, args.code))
+        print(f"replaced the key of {info['name']}; new fingerprint {info['fingerprint']} "
+              "(not verified)")
+        return 0
     if args.contacts_cmd == "add":
         with _local_or_remote(profile) as store:
             if store is None:
@@ -160,7 +178,7 @@ def cmd_send(args: argparse.Namespace, profile: Profile) -> int:
             msg_id = control.call(profile.control_path, "send", to=args.name, text=args.text)
         else:
             identity = _load_identity(profile, args)
-            msg_id = queue_direct(store, identity, args.name, args.text, now=time.time())
+            msg_id, _ = queue_message(store, identity, args.name, args.text, now=time.time())
     _print(args, {"id": msg_id}, lambda d: d["id"])
     return 0
 
@@ -243,7 +261,7 @@ async def _run_relay(identity: Identity, store: Store, config: NodeConfig, profi
         await node.start()
     except OSError as exc:
         raise UserError(f"cannot listen: {exc}") from None
-    server = control.ControlServer(profile.control_path, _control_ops(node), node.subscribe,
+    server = control.ControlServer(profile.control_path, control.node_ops(node), node.subscribe,
                                    node.unsubscribe)
     await server.start()
     log.info("relay %s running (node id %s)", identity.name, identity.public.node_id.hex()[:16])
@@ -254,36 +272,6 @@ async def _run_relay(identity: Identity, store: Store, config: NodeConfig, profi
         await server.stop()
         await node.stop()
     return 0
-
-
-def _control_ops(node: Node) -> dict[str, control.Handler]:
-    async def op_id(_: dict[str, Any]) -> Any:
-        return _id_info(node.identity)
-
-    async def op_status(_: dict[str, Any]) -> Any:
-        return api.to_dict(node.status())
-
-    async def op_send(req: dict[str, Any]) -> Any:
-        return node.send(str(req.get("to", "")), str(req.get("text", "")))
-
-    async def op_inbox(_: dict[str, Any]) -> Any:
-        return [api.to_dict(m) for m in node.inbox()]
-
-    async def op_outbox(_: dict[str, Any]) -> Any:
-        return [api.to_dict(m) for m in node.outbox()]
-
-    async def op_contacts(_: dict[str, Any]) -> Any:
-        return [api.to_dict(c) for c in node.contacts()]
-
-    async def op_contacts_add(req: dict[str, Any]) -> Any:
-        return api.to_dict(node.add_contact(str(req.get("name", "")), str(req.get("code", ""))))
-
-    async def op_peers(_: dict[str, Any]) -> Any:
-        return [api.to_dict(p) for p in node.peers()]
-
-    return {"id": op_id, "status": op_status, "send": op_send, "inbox": op_inbox,
-            "outbox": op_outbox, "contacts": op_contacts, "contacts_add": op_contacts_add,
-            "peers": op_peers}
 
 
 # ---- argument parsing -----------------------------------------------------------------
@@ -310,6 +298,11 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("name")
     c.add_argument("code")
     c.add_argument("--json", action="store_true")
+    c = csub.add_parser("verify", help="mark a contact verified after comparing fingerprints")
+    c.add_argument("name")
+    c = csub.add_parser("replace", help="accept a NEW key for a contact (after checking it)")
+    c.add_argument("name")
+    c.add_argument("code")
     c = csub.add_parser("list", help="list contacts")
     c.add_argument("--json", action="store_true")
 

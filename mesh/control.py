@@ -17,10 +17,13 @@ import os
 import socket
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from mesh import api
 from mesh.errors import UserError
+
+if TYPE_CHECKING:
+    from mesh.node import Node
 
 log = logging.getLogger("pigeon.control")
 
@@ -152,3 +155,48 @@ def reachable(path: Path) -> bool:
         except OSError:
             return False
     return True
+
+
+def _str(req: dict[str, Any], key: str) -> str:
+    value = req.get(key, "")
+    if not isinstance(value, str):
+        raise UserError(f"{key} must be text")
+    return value
+
+
+def _opt(req: dict[str, Any], key: str) -> str | None:
+    value = req.get(key)
+    return value if isinstance(value, str) and value else None
+
+
+def node_ops(node: Node) -> dict[str, Handler]:
+    """The control socket's operations: the node's public API, one op per method."""
+    def wrap(fn: Callable[[dict[str, Any]], Any]) -> Handler:
+        async def handler(req: dict[str, Any]) -> Any:
+            return fn(req)
+        return handler
+
+    def dicts(items: list[Any]) -> list[dict[str, Any]]:
+        return [api.to_dict(x) for x in items]
+
+    table: dict[str, Callable[[dict[str, Any]], Any]] = {
+        "id": lambda _: node.identity_info(),
+        "status": lambda _: api.to_dict(node.status()),
+        "send": lambda r: node.send(_str(r, "to"), _str(r, "text")),
+        "inbox": lambda _: dicts(node.inbox()),
+        "outbox": lambda _: dicts(node.outbox()),
+        "contacts": lambda _: dicts(node.contacts()),
+        "contacts_add": lambda r: api.to_dict(node.add_contact(_str(r, "name"), _str(r, "code"))),
+        "contacts_replace": lambda r: api.to_dict(
+            node.replace_contact_key(_str(r, "name"), _str(r, "code"))),
+        "contacts_verify": lambda r: node.verify_contact(_str(r, "name"),
+                                                         bool(r.get("verified", True))),
+        "channels": lambda _: dicts(node.channels()),
+        "channels_join": lambda r: api.to_dict(node.join_channel(
+            _opt(r, "name"), passphrase=_opt(r, "passphrase"), invite=_opt(r, "invite"))),
+        "conversations": lambda _: dicts(node.conversations()),
+        "messages": lambda r: dicts(node.messages(_str(r, "conversation"))),
+        "mark_read": lambda r: node.mark_read(_str(r, "conversation")),
+        "peers": lambda _: dicts(node.peers()),
+    }
+    return {name: wrap(fn) for name, fn in table.items()}

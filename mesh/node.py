@@ -18,10 +18,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from mesh import api, sealing
-from mesh.envelope import DEFAULT_TTL_S, Envelope, Receipt, minutes, receipt_hash
-from mesh.errors import UserError
-from mesh.identity import Identity, PublicIdentity, decode_contact
+from mesh import api, chat, sealing
+from mesh.envelope import DEFAULT_TTL_S, Envelope, Receipt, minutes
+from mesh.identity import Identity, PublicIdentity
 from mesh.noise import KeyPair, generate_keypair
 from mesh.routing import RoutingPolicy
 from mesh.session import (
@@ -334,7 +333,11 @@ class Node:
     def _accept_direct(self, env: Envelope, msg: sealing.DirectMessage, now: float,
                        new_ids: list[bytes], published: list[api.NodeEvent]) -> None:
         contact = self.store.contact_by_key(msg.sender.sign_pub)
-        conversation = contact.name if contact is not None else _stranger(msg.sender, msg.sender_name)
+        if contact is not None:
+            conversation = contact.name
+        else:
+            conversation = chat.stranger_label(msg.sender, msg.sender_name)
+            self._warn_if_impersonating(msg.sender, msg.sender_name, conversation, published)
         added = self.store.inbox_add(
             env.id.hex(), conversation=conversation, sender_key=msg.sender.sign_pub,
             sender_name=conversation, text=msg.text, sent_at=msg.sent_at, received_at=now,
@@ -355,13 +358,34 @@ class Node:
                 verified_sender=bool(contact and contact.verified),
             ))))
 
+    def _warn_if_impersonating(self, sender: PublicIdentity, claimed: str, label: str,
+                               published: list[api.NodeEvent]) -> None:
+        known = self.store.contact_by_name(claimed)
+        if known is not None and known.sign_pub != sender.sign_pub:
+            log.warning("a sender claims the name of contact %r with a different key", known.name)
+            published.append(api.KeyWarning(contact=known.name, claimed_by=label,
+                                            fingerprint=sender.fingerprint))
+
+    def _public_rate_exceeded(self, sender_key: bytes, now: float) -> bool:
+        recent = [r for r in self.store.inbox_list(chat.channel_conversation(chat.PUBLIC))
+                  if r.sender_key == sender_key and r.received_at > now - 3600]
+        return len(recent) >= chat.PUBLIC_RATE_PER_HOUR
+
     def _open_channels(self, env: Envelope, now: float, published: list[api.NodeEvent]) -> None:
-        for channel in self._channels():
+        for channel in chat.channel_keys(self.store):
             msg = sealing.open_channel(channel, env)
             if msg is None:
                 continue
             contact = self.store.contact_by_key(msg.sender.sign_pub)
-            sender = contact.name if contact is not None else _stranger(msg.sender, msg.sender_name)
+            if contact is not None:
+                sender = contact.name
+            else:
+                sender = chat.stranger_label(msg.sender, msg.sender_name)
+                self._warn_if_impersonating(msg.sender, msg.sender_name, sender, published)
+                if channel.name == chat.PUBLIC and self._public_rate_exceeded(
+                        msg.sender.sign_pub, now):
+                    log.info("public channel: rate limit for a stranger reached; not shown")
+                    return
             if self.store.inbox_add(
                 env.id.hex(), conversation=f"#{channel.name}", sender_key=msg.sender.sign_pub,
                 sender_name=sender, text=msg.text, sent_at=msg.sent_at, received_at=now,
@@ -373,10 +397,6 @@ class Node:
                     verified_sender=bool(contact and contact.verified),
                 ))))
             return
-
-    def _channels(self) -> list[sealing.ChannelKey]:
-        rows = [sealing.ChannelKey(name=row.name, key=row.key) for row in self.store.channel_list()]
-        return [sealing.PUBLIC_CHANNEL, *rows]
 
     def _on_acknowledged(self, runner: _LinkRunner, event: ItemsAcknowledged) -> None:
         now = self.clock()
@@ -417,25 +437,56 @@ class Node:
         if runner.peer_key:
             self._publish(api.PeerChanged(peer=api.to_dict(self._peer_info(runner)), connected=True))
 
-    def send(self, contact_name: str, text: str) -> str:
-        """Seal ``text`` to a contact, store it durably and push it to every live link."""
-        msg_id = queue_direct(self.store, self.identity, contact_name, text, now=self.clock(),
-                              ttl_s=self.config.ttl_s, hops=self.config.hops)
-        self._offer([bytes.fromhex(msg_id)])
+    def send(self, conversation: str, text: str) -> str:
+        """Seal ``text`` to a contact (or ``#channel``), store it durably and push it to
+        every live link. Returns the message id (hex)."""
+        msg_id, env = chat.queue_message(self.store, self.identity, conversation, text,
+                                         now=self.clock(), ttl_s=self.config.ttl_s,
+                                         hops=self.config.hops)
+        self._offer([env.id])
         log.info("queued %s", msg_id[:12])
         return msg_id
 
+    def identity_info(self) -> dict[str, str]:
+        from mesh.identity import encode_contact
+        return {"node_id": self.identity.public.node_id.hex(), "name": self.identity.name,
+                "fingerprint": self.identity.public.fingerprint,
+                "contact": encode_contact(self.identity.public, self.identity.name)}
+
     def add_contact(self, name: str, code: str) -> api.ContactInfo:
-        return add_contact(self.store, name, code, now=self.clock())
+        return chat.add_contact(self.store, name, code, now=self.clock())
+
+    def replace_contact_key(self, name: str, code: str) -> api.ContactInfo:
+        return chat.replace_contact_key(self.store, name, code)
+
+    def verify_contact(self, name: str, verified: bool = True) -> None:
+        chat.verify_contact(self.store, name, verified)
 
     def contacts(self) -> list[api.ContactInfo]:
-        return list_contacts(self.store)
+        return chat.list_contacts(self.store)
+
+    def join_channel(self, name: str | None = None, *, passphrase: str | None = None,
+                     invite: str | None = None) -> api.ChannelInfo:
+        return chat.join_channel(self.store, name, passphrase=passphrase, invite=invite,
+                                 now=self.clock())
+
+    def channels(self) -> list[api.ChannelInfo]:
+        return chat.list_channels(self.store)
+
+    def conversations(self) -> list[api.ConversationInfo]:
+        return chat.conversations(self.store)
+
+    def messages(self, conversation: str) -> list[api.ChatMessage]:
+        return chat.conversation_messages(self.store, conversation)
+
+    def mark_read(self, conversation: str) -> None:
+        chat.mark_read(self.store, conversation, self.clock())
 
     def inbox(self) -> list[api.InboxMessage]:
-        return list_inbox(self.store)
+        return chat.list_inbox(self.store)
 
     def outbox(self) -> list[api.OutboxMessage]:
-        return list_outbox(self.store)
+        return chat.list_outbox(self.store)
 
     def _peer_info(self, runner: _LinkRunner) -> api.PeerInfo:
         s = runner.session
@@ -465,67 +516,3 @@ class Node:
             removed = self.store.sweep(self.clock())
             if removed:
                 log.info("swept %d expired items", removed)
-
-
-def _stranger(sender: PublicIdentity, claimed: str) -> str:
-    return f"~{claimed} ({sender.node_id.hex()[:8]})"
-
-
-# ---- operations shared by the node and by CLI commands run without a node --------------
-
-
-def queue_direct(store: Store, identity: Identity, contact_name: str, text: str, *,
-                 now: float, ttl_s: int = DEFAULT_TTL_S, hops: int | None = None) -> str:
-    contact = store.contact_by_name(contact_name)
-    if contact is None:
-        raise UserError(f"no contact named {contact_name!r}; add one with 'pigeon contacts add'")
-    if not text:
-        raise UserError("empty message")
-    recipient = PublicIdentity.from_sign_pub(contact.sign_pub)
-    kwargs: dict[str, Any] = {"now": now, "ttl_s": ttl_s}
-    if hops is not None:
-        kwargs["hops"] = hops
-    env, secret = sealing.seal_direct(identity, recipient, text, **kwargs)
-    with store.batch():
-        store.add_envelope(env, now=now, origin="self", local=True)
-        store.outbox_add(env.id.hex(), contact=contact_name, text=text, now=now,
-                         receipt_hash=receipt_hash(secret))
-    return env.id.hex()
-
-
-def add_contact(store: Store, name: str, code: str, *, now: float) -> api.ContactInfo:
-    public, _claimed = decode_contact(code)
-    clean = name.strip()
-    if not clean or len(clean) > 64 or any(ord(c) < 32 or ord(c) == 127 for c in clean):
-        raise UserError("contact names are 1-64 printable characters")
-    store.contact_add(name=clean, sign_pub=public.sign_pub, now=now)
-    return api.ContactInfo(name=clean, node_id=public.node_id.hex(),
-                           fingerprint=public.fingerprint, verified=False)
-
-
-def list_contacts(store: Store) -> list[api.ContactInfo]:
-    out = []
-    for row in store.contact_list():
-        public = PublicIdentity.from_sign_pub(row.sign_pub)
-        out.append(api.ContactInfo(name=row.name, node_id=public.node_id.hex(),
-                                   fingerprint=public.fingerprint, verified=row.verified))
-    return out
-
-
-def list_inbox(store: Store) -> list[api.InboxMessage]:
-    return [
-        api.InboxMessage(
-            id=row.msg_id, conversation=row.conversation, sender=row.sender_name,
-            text=row.text, sent_at=row.sent_at, received_at=row.received_at, kind=row.kind,
-            verified_sender=False,
-        )
-        for row in store.inbox_list()
-    ]
-
-
-def list_outbox(store: Store) -> list[api.OutboxMessage]:
-    return [
-        api.OutboxMessage(id=row.msg_id, to=row.contact, text=row.text, state=row.state,
-                          created_at=row.created_at)
-        for row in store.outbox_list()
-    ]

@@ -295,6 +295,18 @@ class AppTablesMixin:
             if cur.rowcount == 0:
                 raise UserError(f"no contact named {name!r}")
 
+    def contact_replace_key(self, name: str, sign_pub: bytes) -> None:
+        """Give a contact a new key after the user confirmed a key change; resets verified."""
+        with self._tx():
+            if (other := self.contact_by_key(sign_pub)) is not None and other.name != name.strip():
+                raise UserError(f"this key is already saved as contact {other.name!r}")
+            cur = self._conn.execute(
+                "UPDATE contacts SET sign_pub = ?, verified = 0 WHERE name = ?",
+                (bytes(sign_pub), name.strip()),
+            )
+            if cur.rowcount == 0:
+                raise UserError(f"no contact named {name!r}")
+
     def contact_remove(self, name: str) -> None:
         with self._tx():
             cur = self._conn.execute("DELETE FROM contacts WHERE name = ?", (name.strip(),))

@@ -57,10 +57,18 @@ def test_contacts_send_outbox_offline(tmp_path: Path, capsys: pytest.CaptureFixt
     code, _, _ = run(capsys, "--home", str(a), "contacts", "add", "bob", bob["contact"])
     assert code == 0
     code, _, err = run(capsys, "--home", str(a), "contacts", "add", "bob", bob["contact"])
-    assert code == 2 and "already" in err
+    assert code == 0  # the same key again is harmless
+    mallory = init(capsys, tmp_path / "m", "bob")
+    code, _, err = run(capsys, "--home", str(a), "contacts", "add", "bob", mallory["contact"])
+    assert code == 2 and "DIFFERENT KEY" in err
+    code, out, _ = run(capsys, "--home", str(a), "contacts", "list", "--json")
+    assert json.loads(out)[0]["fingerprint"] == bob["fingerprint"]  # nothing replaced silently
+    code, _, _ = run(capsys, "--home", str(a), "contacts", "verify", "bob")
+    assert code == 0
     code, out, _ = run(capsys, "--home", str(a), "contacts", "list", "--json")
     [contact] = json.loads(out)
     assert contact["name"] == "bob" and contact["fingerprint"] == bob["fingerprint"]
+    assert contact["verified"] is True
     code, out, _ = run(capsys, "--home", str(a), "send", "bob", "hi there")
     msg_id = out.strip()
     assert code == 0 and re.fullmatch(r"[0-9a-f]{32}", msg_id)

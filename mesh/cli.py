@@ -38,8 +38,10 @@ from mesh.node import Node, NodeConfig
 from mesh.profile import Profile, ProfileLock
 from mesh.store import Store
 from mesh.transports.tcp import parse_hostport
+from mesh.wipe import wipe_profile
 
 DEFAULT_LISTEN = "0.0.0.0:7447"
+WIPED = -1
 LOCK_WAIT_S = 5.0
 
 
@@ -238,11 +240,41 @@ def cmd_relay(args: argparse.Namespace, profile: Profile) -> int:
         config = NodeConfig(listen=listen, peers=peers)
         store = Store.open(profile.store_path)
         try:
-            return asyncio.run(_run_relay(identity, store, config, profile, args))
+            code = asyncio.run(_run_relay(identity, store, config, profile, args))
         finally:
             store.close()
     finally:
         lock.release()
+    if code == WIPED:
+        wipe_profile(profile)
+        return 0
+    return code
+
+
+def cmd_wipe(args: argparse.Namespace, profile: Profile) -> int:
+    if not profile.home.exists():
+        raise UserError(f"nothing to wipe at {profile.home}")
+    if not args.yes:
+        if not sys.stdin.isatty():
+            raise UserError("refusing to wipe without --yes (no terminal to confirm on)")
+        answer = input(f"Destroy the keys and all messages in {profile.home}? Type WIPE: ")
+        if answer.strip() != "WIPE":
+            print("not wiped")
+            return 1
+    lock = ProfileLock(profile)
+    if not lock.try_acquire():
+        if control.reachable(profile.control_path):
+            control.call(profile.control_path, "wipe")
+        deadline = time.monotonic() + 15
+        while profile.home.exists() and not lock.try_acquire():
+            if time.monotonic() > deadline:
+                raise UserError("the running node did not stop; kill it and wipe again")
+            time.sleep(0.1)
+    lock.release()
+    destroyed = wipe_profile(profile)  # the node wiped it already if it was running
+    _print(args, {"wiped": str(profile.home), "files": destroyed},
+           lambda d: f"wiped {d['wiped']} ({len(d['files'])} files destroyed)")
+    return 0
 
 
 async def _run_relay(identity: Identity, store: Store, config: NodeConfig, profile: Profile,
@@ -261,8 +293,17 @@ async def _run_relay(identity: Identity, store: Store, config: NodeConfig, profi
         await node.start()
     except OSError as exc:
         raise UserError(f"cannot listen: {exc}") from None
-    server = control.ControlServer(profile.control_path, control.node_ops(node), node.subscribe,
-                                   node.unsubscribe)
+    ops = control.node_ops(node)
+    wipe_requested = asyncio.Event()
+
+    async def op_wipe(_: dict[str, Any]) -> Any:
+        log.warning("wipe requested: shutting down and destroying this profile")
+        wipe_requested.set()
+        stop.set()
+        return "wiping"
+
+    ops["wipe"] = op_wipe
+    server = control.ControlServer(profile.control_path, ops, node.subscribe, node.unsubscribe)
     await server.start()
     log.info("relay %s running (node id %s)", identity.name, identity.public.node_id.hex()[:16])
     try:
@@ -271,7 +312,7 @@ async def _run_relay(identity: Identity, store: Store, config: NodeConfig, profi
         log.info("shutting down")
         await server.stop()
         await node.stop()
-    return 0
+    return WIPED if wipe_requested.is_set() else 0
 
 
 # ---- argument parsing -----------------------------------------------------------------
@@ -316,6 +357,10 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=text)
         p.add_argument("--json", action="store_true")
 
+    p = sub.add_parser("wipe", help="destroy this profile's keys and messages, now")
+    p.add_argument("--yes", action="store_true", help="do not ask for confirmation")
+    p.add_argument("--json", action="store_true")
+
     p = sub.add_parser("relay", help="run a headless node")
     p.add_argument("--listen", action="append", metavar="HOST:PORT",
                    help=f"accept links here (default {DEFAULT_LISTEN}); repeatable")
@@ -329,6 +374,7 @@ def build_parser() -> argparse.ArgumentParser:
 COMMANDS: dict[str, Callable[[argparse.Namespace, Profile], int]] = {
     "init": cmd_init, "id": cmd_id, "contacts": cmd_contacts, "send": cmd_send,
     "inbox": cmd_inbox, "outbox": cmd_outbox, "status": cmd_status, "relay": cmd_relay,
+    "wipe": cmd_wipe,
 }
 
 

@@ -142,3 +142,42 @@ def test_commands_attach_to_a_running_relay_and_a_second_relay_refuses(
     assert not (a / "control.sock").exists()
     code, out, _ = run(capsys, "--home", str(a), "status", "--json")
     assert json.loads(out)["running"] is False
+
+
+def test_wipe_destroys_keys_and_store(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    home = tmp_path / "p"
+    init(capsys, home, "alice")
+    bob = init(capsys, tmp_path / "b", "bob")
+    run(capsys, "--home", str(home), "contacts", "add", "bob", bob["contact"])
+    run(capsys, "--home", str(home), "send", "bob", "delete me")
+    code, _, err = run(capsys, "--home", str(home), "wipe")  # no terminal: needs --yes
+    assert code == 2 and "--yes" in err
+    assert (home / "identity.key").exists()
+    code, out, _ = run(capsys, "--home", str(home), "wipe", "--yes", "--json")
+    assert code == 0 and "identity.key" in json.loads(out)["files"]
+    assert not home.exists()
+    code, _, err = run(capsys, "--home", str(home), "id")
+    assert code == 2 and "pigeon init" in err
+
+
+@pytest.mark.slow
+def test_wipe_stops_a_running_relay_first(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    home = tmp_path / "p"
+    init(capsys, home, "alice")
+    log = tmp_path / "relay.log"
+    with open(log, "wb") as fh:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "mesh.cli", "--home", str(home), "relay", "--listen",
+             "127.0.0.1:0", "--no-lan", "--no-ble"], stdout=fh, stderr=subprocess.STDOUT, cwd=ROOT)
+    try:
+        deadline = time.monotonic() + 20
+        while "running" not in log.read_text() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        code, _, _ = run(capsys, "--home", str(home), "wipe", "--yes")
+        assert code == 0
+        assert proc.wait(timeout=15) == 0
+        assert not home.exists()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(timeout=10)

@@ -37,10 +37,14 @@ from mesh.identity import Identity, encode_contact, is_encrypted
 from mesh.node import Node, NodeConfig
 from mesh.profile import Profile, ProfileLock
 from mesh.store import Store
+from mesh.transports.lan import start_lan
 from mesh.transports.tcp import parse_hostport
 from mesh.wipe import wipe_profile
 
 DEFAULT_LISTEN = "0.0.0.0:7447"
+#: Without --listen a relay listens on every IPv4 and IPv6 address, so LAN peers can dial
+#: either (IPv6 link-local needs it).
+DEFAULT_LISTEN_ADDR = ("", 7447)
 WIPED = -1
 LOCK_WAIT_S = 5.0
 
@@ -235,10 +239,12 @@ def cmd_relay(args: argparse.Namespace, profile: Profile) -> int:
             raise UserError(f"a node already runs on {profile.home}")
         time.sleep(0.1)
     try:
-        listen = [parse_hostport(x) for x in (args.listen or [DEFAULT_LISTEN])]
+        listen = [parse_hostport(x) for x in args.listen] if args.listen else [DEFAULT_LISTEN_ADDR]
         peers = [parse_hostport(x) for x in args.peer]
         config = NodeConfig(listen=listen, peers=peers)
-        store = Store.open(profile.store_path)
+        if args.quota_mb <= 0:
+            raise UserError("--quota-mb must be positive")
+        store = Store.open(profile.store_path, quota_bytes=int(args.quota_mb * 2**20))
         try:
             code = asyncio.run(_run_relay(identity, store, config, profile, args))
         finally:
@@ -281,8 +287,6 @@ async def _run_relay(identity: Identity, store: Store, config: NodeConfig, profi
                      args: argparse.Namespace) -> int:
     node = Node(identity, store, config)
     log = logging.getLogger("pigeon.relay")
-    if not args.no_lan:
-        log.info("LAN discovery is not available in this version; use --peer HOST:PORT")
     if not args.no_ble:
         log.info("Bluetooth LE is not available in this version")
     stop = asyncio.Event()
@@ -293,6 +297,7 @@ async def _run_relay(identity: Identity, store: Store, config: NodeConfig, profi
         await node.start()
     except OSError as exc:
         raise UserError(f"cannot listen: {exc}") from None
+    lan = None if args.no_lan else await start_lan(node, args.interface)
     ops = control.node_ops(node)
     wipe_requested = asyncio.Event()
 
@@ -311,8 +316,61 @@ async def _run_relay(identity: Identity, store: Store, config: NodeConfig, profi
     finally:
         log.info("shutting down")
         await server.stop()
+        if lan is not None:
+            await lan.stop()
         await node.stop()
     return WIPED if wipe_requested.is_set() else 0
+
+
+def cmd_chat(args: argparse.Namespace, profile: Profile) -> int:
+    """The chat window. Runs the node in this process with the relay's transport options
+    (and serves the control socket, so other commands keep working), or attaches to the
+    relay that already holds the profile and leaves it running on exit."""
+    from mesh.host import ChatHost
+    from tui.app import PigeonApp  # noqa: PLC0415  (only `pigeon chat` loads Textual)
+
+    listen = [parse_hostport(x) for x in args.listen or []]
+    peers = [parse_hostport(x) for x in args.peer]
+    interfaces = getattr(args, "interface", None)
+
+    async def lan(node: Node) -> Any:
+        return await start_lan(node, interfaces)
+
+    host = ChatHost(profile, NodeConfig(listen=listen, peers=peers),
+                    passphrase=_passphrase(args), extras=[] if args.no_lan else [lan])
+    host.claim()
+    # The window owns the terminal: log lines on stderr would tear it, so they go to
+    # --log FILE or nowhere (a log of peers met is itself sensitive on a seized device).
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        root.removeHandler(handler)
+    if args.log:
+        file_handler = logging.FileHandler(args.log)
+        file_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        root.addHandler(file_handler)
+    else:
+        root.addHandler(logging.NullHandler())
+    try:
+        app = PigeonApp(host, bell=not args.no_bell)
+        host.on_wipe = app.exit
+        code = asyncio.run(_run_chat(app, host))
+    finally:
+        host.release()
+    if host.wipe_requested:
+        wipe_profile(profile)
+        return 0
+    return code
+
+
+async def _run_chat(app: Any, host: Any) -> int:
+    loop = asyncio.get_running_loop()
+    with contextlib.suppress(NotImplementedError):
+        loop.add_signal_handler(signal.SIGTERM, app.exit)
+    try:
+        await app.run_async()
+    finally:
+        await host.close()
+    return int(app.return_code or 0)
 
 
 # ---- argument parsing -----------------------------------------------------------------
@@ -361,20 +419,38 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--yes", action="store_true", help="do not ask for confirmation")
     p.add_argument("--json", action="store_true")
 
-    p = sub.add_parser("relay", help="run a headless node")
+    p = sub.add_parser("chat", help="the chat window (runs a node, or attaches to the relay)")
     p.add_argument("--listen", action="append", metavar="HOST:PORT",
-                   help=f"accept links here (default {DEFAULT_LISTEN}); repeatable")
+                   help="accept links here (default: none; LAN discovery still dials out); "
+                        "repeatable")
     p.add_argument("--peer", action="append", default=[], metavar="HOST:PORT",
                    help="keep a link to this peer; repeatable")
     p.add_argument("--no-lan", action="store_true", help="no mDNS discovery on the LAN")
+    p.add_argument("--interface", action="append", metavar="NAME",
+                   help="LAN discovery only on this interface (default: all non-loopback); "
+                        "repeatable")
     p.add_argument("--no-ble", action="store_true", help="no Bluetooth LE")
+    p.add_argument("--no-bell", action="store_true", help="no terminal bell on new messages")
+    p.add_argument("--log", metavar="FILE", help="write the node's log here (default: no log)")
+
+    p = sub.add_parser("relay", help="run a headless node")
+    p.add_argument("--listen", action="append", metavar="HOST:PORT",
+                   help="accept links here (default: every IPv4 and IPv6 address, port 7447); repeatable")
+    p.add_argument("--peer", action="append", default=[], metavar="HOST:PORT",
+                   help="keep a link to this peer; repeatable")
+    p.add_argument("--no-lan", action="store_true", help="no mDNS discovery on the LAN")
+    p.add_argument("--interface", action="append", metavar="NAME",
+                   help="LAN discovery only on this interface (default: all non-loopback); repeatable")
+    p.add_argument("--no-ble", action="store_true", help="no Bluetooth LE")
+    p.add_argument("--quota-mb", type=float, default=256.0,
+                   help="disk quota for messages carried for others (default 256 MB)")
     return parser
 
 
 COMMANDS: dict[str, Callable[[argparse.Namespace, Profile], int]] = {
     "init": cmd_init, "id": cmd_id, "contacts": cmd_contacts, "send": cmd_send,
     "inbox": cmd_inbox, "outbox": cmd_outbox, "status": cmd_status, "relay": cmd_relay,
-    "wipe": cmd_wipe,
+    "wipe": cmd_wipe, "chat": cmd_chat,
 }
 
 

@@ -210,6 +210,15 @@ class Receipt:
 
     @cached_property
     def id(self) -> bytes:
+        """The item id used in reconciliation. It covers ``issued_min`` too, because the
+        reconciliation key ``(issued_min, id)`` must be a function of the id: a copy
+        re-sent with another ``issued_min`` is then simply another item, never two keys
+        for one id (which would break the ordering two honest peers rely on)."""
+        return _blake(self.to_bytes(), b"pigeon-rcpt-id")
+
+    @cached_property
+    def answers(self) -> bytes:
+        """The ``receipt_hash`` of the envelopes this receipt deletes."""
         return receipt_hash(self.secret)
 
     def to_bytes(self) -> bytes:

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from mesh import api, chat, sealing
+from mesh.dialer import DUPLICATE_REASON, DiscoveredDialer, LinkObserver
 from mesh.envelope import DEFAULT_TTL_S, Envelope, Receipt, minutes
 from mesh.identity import Identity, PublicIdentity
 from mesh.noise import KeyPair, generate_keypair
@@ -45,6 +46,7 @@ log = logging.getLogger("pigeon.node")
 
 LINK_KEY_LIFETIME_S = 3600.0
 SWEEP_INTERVAL_S = 60.0
+ITEM_LOG_LINES = 20
 
 
 def short(item_id: bytes) -> str:
@@ -58,6 +60,9 @@ class NodeConfig:
     peers: list[tuple[str, int]] = field(default_factory=list)
     session: SessionConfig = field(default_factory=SessionConfig)
     max_links: int = 32
+    #: Links still in the Noise handshake at once; the rest wait their turn by being refused,
+    #: so half-open connections cannot crowd out real peers.
+    max_handshakes: int = 8
     backoff_initial_s: float = 0.5
     backoff_max_s: float = 30.0
     ttl_s: int = DEFAULT_TTL_S
@@ -67,13 +72,31 @@ class NodeConfig:
 class _LinkRunner:
     """Drives one session over one link."""
 
-    def __init__(self, node: Node, link: Link, session: LinkSession) -> None:
+    def __init__(self, node: Node, link: Link, session: LinkSession, *, local_key: bytes,
+                 observer: LinkObserver | None = None) -> None:
         self.node = node
         self.link = link
         self.session = session
+        #: Our link public key on this link (it rotates hourly, so it is per link).
+        self.local_key = local_key
+        self.remote_key: bytes | None = None
+        self.handshake_hash = b""
+        #: Told once how the handshake and the link ended (the LAN dialer uses it).
+        self.observer = observer
+        self.closed_event: LinkClosed | None = None
         self.wake = asyncio.Event()
         self.connected_at = node.clock()
         self.peer_key: str = ""
+        #: Who fills which quota share: the peer's network address (host, not port), which
+        #: survives the peer rotating its link key; link keys would give a flooder a fresh
+        #: share on every reconnect.
+        #: Per-item log lines are capped per link (a flood must not become a log flood);
+        #: the rest are summed up when the sync completes or the link closes.
+        self.item_log_budget = ITEM_LOG_LINES
+        self.stored = 0
+        self.refused = 0
+        host = link.address.rsplit(":", 1)[0] if ":" in link.address else link.address
+        self.origin = f"{link.transport}:{host}"
         self.closed_reason: str | None = None
 
     async def run(self) -> None:
@@ -125,6 +148,11 @@ class _LinkRunner:
                 return
 
 
+def _link_rank(runner: _LinkRunner) -> tuple[bytes, bytes]:
+    initiator_key = runner.local_key if runner.session.initiator else runner.remote_key
+    return (initiator_key or b"", runner.handshake_hash)
+
+
 class Node:
     """A Pigeon node. The public methods are the API the CLI and the TUI use."""
 
@@ -146,6 +174,7 @@ class Node:
         self._started_at = clock()
         self._stopping = False
         self.listening: list[str] = []
+        self._dialer: DiscoveredDialer | None = None
 
     # ---- lifecycle -----------------------------------------------------------------
 
@@ -188,10 +217,17 @@ class Node:
 
     # ---- links -----------------------------------------------------------------------
 
-    def add_link(self, link: Link, *, initiator: bool) -> asyncio.Task[Any] | None:
-        """Run a session over an already-open link; returns the task, or None if refused."""
+    def add_link(self, link: Link, *, initiator: bool,
+                 observer: LinkObserver | None = None) -> asyncio.Task[Any] | None:
+        """Run a session over an already-open link; returns the task, or None if refused
+        (then ``observer`` is never called)."""
         if self._stopping or len(self._runners) >= self.config.max_links:
             log.warning("refused link from %s: too many links", link.address)
+            link.close()
+            return None
+        handshaking = sum(1 for r in self._runners if r.session.state.value == "handshake")
+        if handshaking >= self.config.max_handshakes:
+            log.warning("refused link from %s: too many handshakes in progress", link.address)
             link.close()
             return None
         now = self.clock()
@@ -201,7 +237,8 @@ class Node:
             initiator=initiator, static=self._link_key, source=self.store, now=now,
             policy=self.policy, config=self.config.session,
         )
-        runner = _LinkRunner(self, link, session)
+        runner = _LinkRunner(self, link, session, local_key=self._link_key.public,
+                             observer=observer)
         self._runners.add(runner)
         return self._spawn(runner.run())
 
@@ -233,6 +270,47 @@ class Node:
 
     def _runner_done(self, runner: _LinkRunner) -> None:
         self._runners.discard(runner)
+        if runner.observer is not None:
+            closed = runner.closed_event
+            runner.observer.link_closed(
+                handshaken=runner.remote_key is not None,
+                error=closed.error if closed else False,
+                reason=closed.reason if closed else "link ended")
+
+    def connect_discovered(self, host: str, port: int, transport: str = "lan") -> None:
+        """A discovery hint (mDNS): dial it within the dialer's bounds (see ``mesh.dialer``)."""
+        if self._stopping:
+            return
+        if self._dialer is None:
+            self._dialer = DiscoveredDialer(self)
+            self._spawn(self._dialer.run())
+        self._dialer.note(host, port, transport)
+
+    def forget_discovered(self, host: str, port: int) -> None:
+        """The hinted service said goodbye; an open link to it stays until it fails."""
+        if self._dialer is not None:
+            self._dialer.forget(host, port)
+
+    def has_link_to(self, remote_key: bytes) -> bool:
+        return any(r.remote_key == remote_key and not r.session.closed for r in self._runners)
+
+    def _close_duplicate(self, new: _LinkRunner) -> None:
+        """Keep exactly one link per pair of link keys.
+
+        Two nodes that discover each other at once both dial. Each side sees both links
+        complete and closes the same one without talking about it: it keeps the link whose
+        initiator has the smaller link key (both sides know both keys and who initiated),
+        then the smaller handshake hash if one node dialed twice (over IPv4 and IPv6).
+        """
+        for other in list(self._runners):
+            if other is new or other.session.closed or other.remote_key != new.remote_key:
+                continue
+            loser = max(new, other, key=_link_rank)
+            log.info("duplicate link to %s: closing the one via %s %s", new.peer_key,
+                     loser.link.transport, loser.link.address)
+            loser.session.close(DUPLICATE_REASON)
+            loser.wake.set()
+            return
 
     # ---- session events --------------------------------------------------------------
 
@@ -246,6 +324,10 @@ class Node:
                 self._on_acknowledged(runner, event)
             elif isinstance(event, HandshakeCompleted):
                 runner.peer_key = event.remote_key.hex()[:16]
+                runner.remote_key, runner.handshake_hash = event.remote_key, event.handshake_hash
+                if runner.observer is not None:
+                    runner.observer.handshake_completed(event.remote_key)
+                self._close_duplicate(runner)
                 log.info("peer connected %s via %s %s", runner.peer_key,
                          runner.link.transport, runner.link.address)
                 self._publish(api.PeerChanged(peer=api.to_dict(self._peer_info(runner)),
@@ -254,8 +336,9 @@ class Node:
                 log.info("reconciled with %s in %d round trips: %d to send, %d wanted",
                          runner.peer_key, event.round_trips, event.to_send, event.wanted)
             elif isinstance(event, SyncCompleted):
-                log.info("sync with %s complete: sent %d, received %d",
-                         runner.peer_key, event.sent, event.received)
+                log.info("sync with %s complete: sent %d, received %d (stored %d, refused %d)",
+                         runner.peer_key, event.sent, event.received, runner.stored,
+                         runner.refused)
                 self._publish_peer(runner)
             elif isinstance(event, SyncProgressed | TransferPlanned):
                 self._publish_peer(runner)
@@ -263,9 +346,11 @@ class Node:
                 log.info("dropped item %s from %s: %s", short(event.item_id),
                          runner.peer_key, event.reason)
             elif isinstance(event, LinkClosed):
+                runner.closed_event = event
                 level = logging.WARNING if event.error else logging.INFO
-                log.log(level, "peer disconnected %s (%s %s): %s", runner.peer_key or "?",
-                        runner.link.transport, runner.link.address, event.reason)
+                log.log(level, "peer disconnected %s (%s %s): %s; stored %d, refused %d",
+                        runner.peer_key or "?", runner.link.transport, runner.link.address,
+                        event.reason, runner.stored, runner.refused)
                 if runner.peer_key:
                     self._publish(api.PeerChanged(
                         peer=api.to_dict(self._peer_info(runner)), connected=False))
@@ -304,7 +389,7 @@ class Node:
         if is_new:
             new_ids.append(receipt.id)
             log.info("receipt stored %s (purged %d copies)", short(receipt.id), len(purged))
-        msg_id = self.store.outbox_by_receipt_hash(receipt.id)
+        msg_id = self.store.outbox_by_receipt_hash(receipt.answers)
         if msg_id is not None and self.store.outbox_set_state(msg_id, api.STATE_DELIVERED, now=now):
             log.info("delivered %s", msg_id[:12])
             published.append(api.MessageStateChanged(id=msg_id, state=api.STATE_DELIVERED))
@@ -319,15 +404,21 @@ class Node:
             self._accept_direct(env, direct, now, new_ids, published)
             return True
         stored_env = env.with_mutable(hops_left=self.policy.hops_to_store(env))
-        result = self.store.add_envelope(stored_env, now=now, origin=runner.peer_key)
+        result = self.store.add_envelope(stored_env, now=now, origin=runner.origin)
         if result == AddResult.STORED:
             new_ids.append(env.id)
-            log.info("stored %s from %s (%d bytes)", short(env.id), runner.peer_key, env.size)
+            runner.stored += 1
+            if runner.item_log_budget > 0:
+                runner.item_log_budget -= 1
+                log.info("stored %s from %s (%d bytes)", short(env.id), runner.peer_key, env.size)
             self._open_channels(env, now, published)
             return True
         if result in (AddResult.DUPLICATE, AddResult.ANSWERED):
             return True
-        log.info("refused %s from %s: %s", short(env.id), runner.peer_key, result.name.lower())
+        runner.refused += 1
+        if runner.item_log_budget > 0:
+            runner.item_log_budget -= 1
+            log.info("refused %s from %s: %s", short(env.id), runner.peer_key, result.name.lower())
         return False
 
     def _accept_direct(self, env: Envelope, msg: sealing.DirectMessage, now: float,
@@ -344,7 +435,8 @@ class Node:
             kind="direct",
         )
         # Keep only a tombstone of the envelope, and release the receipt (the antidote).
-        self.store.add_envelope(env, now=now, origin="self")
+        # Stored as local so it never counts against (or evicts from) a relay quota.
+        self.store.add_envelope(env, now=now, origin="self", local=True)
         self.store.delete_envelope(env.id, now=now)
         receipt = Receipt(secret=msg.receipt_secret, issued_min=minutes(now))
         is_new, _ = self.store.add_receipt(receipt, now=now)

@@ -40,6 +40,8 @@ MAX_PEER_HAS = 1_000_000
 #: announces more before authenticating is not speaking Pigeon, so say so at once instead
 #: of waiting for the handshake timeout.
 MAX_HANDSHAKE_RECORD = 512
+#: The smallest frame limit a peer may announce: one maximal envelope must fit in a frame.
+MIN_PEER_FRAME = 17_000
 #: Items offered while a reconciliation runs are remembered up to this many; beyond it
 #: the next reconciliation (every reconnect) finds them anyway.
 MAX_EARLY_OFFERS = 100_000
@@ -359,13 +361,17 @@ class LinkSession:
             raise RemoteProtocolError("handshake payload is not a hello")
         if frame.version < wire.MIN_PROTOCOL_VERSION:
             raise RemoteProtocolError("peer protocol version below minimum")
+        if frame.max_frame < MIN_PEER_FRAME:
+            raise RemoteProtocolError("peer frame limit too small")
         self._frame_cap = min(self.config.max_frame, frame.max_frame)
 
     def _handle_record(self, record: bytes) -> None:
         if self.state != State.HANDSHAKE:
             assert self._recv_cs is not None
-            plaintext = self._recv_cs.decrypt(record)
-            self._handle_frame(wire.decode_frame(wire.unpad_plaintext(plaintext)))
+            frame = wire.unpad_plaintext(self._recv_cs.decrypt(record))
+            if len(frame) > self.config.max_frame:
+                raise RemoteProtocolError("frame larger than the limit we announced")
+            self._handle_frame(wire.decode_frame(frame))
             return
         if self._hs is None:  # responder, first record: preamble + msg1
             if len(record) < 4 or record[:3] != wire.MAGIC:
@@ -488,8 +494,9 @@ class LinkSession:
         self._send_frame(wire.Plan(count=len(self._queued), size=0))
         wanted = sorted(need)
         self._wanted.update(wanted)
-        for start in range(0, len(wanted), wire.MAX_IDS_PER_FRAME):
-            self._send_frame(wire.Want(ids=tuple(wanted[start:start + wire.MAX_IDS_PER_FRAME])))
+        step = self._ids_per_frame()
+        for start in range(0, len(wanted), step):
+            self._send_frame(wire.Want(ids=tuple(wanted[start:start + step])))
             self._wants_sent += 1
         self._events.append(ReconcileCompleted(
             to_send=len(self._queued), wanted=len(wanted), round_trips=self.reconcile_rounds,
@@ -597,8 +604,13 @@ class LinkSession:
         if batch:
             self._send_frame(wire.Items(items=tuple(batch)))
 
+    def _ids_per_frame(self) -> int:
+        """Id lists (Want, Ack) stay within the frame size the peer announced."""
+        return min(wire.MAX_IDS_PER_FRAME, (self._frame_cap - 2 * wire.IDS_FRAME_OVERHEAD)
+                   // wire.ID_OVERHEAD)
+
     def _flush_acks(self) -> None:
-        step = wire.MAX_IDS_PER_FRAME // 2
+        step = self._ids_per_frame() // 2
         while self._pending_acks or self._pending_refused:
             ids, self._pending_acks = self._pending_acks[:step], self._pending_acks[step:]
             refused, self._pending_refused = (

@@ -12,7 +12,8 @@ Tables
 
 * ``envelope``: the relay bytes as received (``data``); ``expires_at = now + ttl_left_s``
   measured by our clock at storing time; ``hops_left`` / ``stamp_bits`` for routing.
-* ``receipt``: id = ``receipt_hash(secret)``, kept until ``Receipt.keep_until()``.
+* ``receipt``: id = ``Receipt.id``; its ``receipt_hash`` column holds ``Receipt.answers``
+  (the hash the answered envelopes carry); kept until ``Receipt.keep_until()``.
 * ``tombstone``: an envelope we held or refused and must keep reporting as known (so
   peers do not send it again) until its ``dedup_until()``; ``data`` is NULL.
 
@@ -290,7 +291,7 @@ class Store(AppTablesMixin):
         """
         return self._conn.execute(
             _TOMBSTONE_SET + "WHERE id IN (SELECT e.id FROM items AS r "
-            "JOIN items AS e INDEXED BY items_receipt_hash ON e.receipt_hash = r.id "
+            "JOIN items AS e INDEXED BY items_receipt_hash ON e.receipt_hash = r.receipt_hash "
             "WHERE r.kind = 'receipt' AND e.kind = 'envelope')"
         ).rowcount
 
@@ -383,6 +384,11 @@ class Store(AppTablesMixin):
         found = (self.get_item(i) for i in ids)
         return [item for item in found if item is not None]
 
+    def _answered(self, rhash: bytes) -> bool:
+        return self._conn.execute(
+            "SELECT 1 FROM items WHERE receipt_hash = ? AND kind = 'receipt' LIMIT 1", (rhash,),
+        ).fetchone() is not None
+
     def _kind_of(self, item_id: bytes) -> str | None:
         row = self._conn.execute("SELECT kind FROM items WHERE id = ?", (item_id,)).fetchone()
         return None if row is None else cast(str, row[0])
@@ -403,7 +409,7 @@ class Store(AppTablesMixin):
                 return AddResult.DUPLICATE
             if env.ttl_left_s <= 0:
                 return AddResult.EXPIRED
-            if self._kind_of(env.receipt_hash) == ItemKind.RECEIPT:
+            if self._answered(env.receipt_hash):
                 self._insert_item(
                     eid, ItemKind.TOMBSTONE, env.created_min, None, 0, None, env.dedup_until(),
                     env.dedup_until(), env.hops_left, env.stamp_bits, origin, local, now,
@@ -461,20 +467,22 @@ class Store(AppTablesMixin):
         Returns (whether the receipt was new, ids of the envelopes purged). The caller
         has checked freshness; ``receipt.id`` is the hash the envelopes' headers carry.
         """
-        rid = receipt.id
+        rid, answers = receipt.id, receipt.answers
         with self._tx():
-            if self._kind_of(rid) is not None:
+            # One receipt per answered hash: a re-sent copy with another issued_min (anyone
+            # who saw the secret can make those) is refused rather than stored again.
+            if self._kind_of(rid) is not None or self._answered(answers):
                 return False, []
             data = receipt.to_bytes()
             keep = receipt.keep_until()
             self._insert_item(
-                rid, ItemKind.RECEIPT, receipt.issued_min, data, len(data), None, keep, keep,
+                rid, ItemKind.RECEIPT, receipt.issued_min, data, len(data), answers, keep, keep,
                 0, 0, "", False, now,
             )
             purged = [
                 cast(bytes, r[0]) for r in self._conn.execute(
                     "SELECT id FROM items WHERE receipt_hash = ? AND kind = 'envelope' "
-                    "ORDER BY id", (rid,),
+                    "ORDER BY id", (answers,),
                 ).fetchall()
             ]
             for item_id in purged:

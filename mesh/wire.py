@@ -15,7 +15,7 @@ frame with its fields.
 from __future__ import annotations
 
 import struct
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -358,18 +358,19 @@ class StreamFramer:
         self._buf = bytearray()
         self.max_record = max_record
 
-    def feed(self, data: bytes) -> list[bytes]:
+    def feed(self, data: bytes) -> Iterator[bytes]:
+        """Yield complete records one at a time, so a change of ``max_record`` made while
+        handling one record (the end of the handshake) applies to the next."""
         self._buf += data
-        records: list[bytes] = []
         while len(self._buf) >= 2:
             (length,) = _LEN.unpack_from(self._buf)
             if length == 0 or length > self.max_record:
                 raise RemoteProtocolError("record length out of range")
             if len(self._buf) < 2 + length:
-                break
-            records.append(bytes(self._buf[2:2 + length]))
+                return
+            record = bytes(self._buf[2:2 + length])
             del self._buf[:2 + length]
-        return records
+            yield record
 
     @staticmethod
     def encode(record: bytes) -> bytes:

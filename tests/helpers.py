@@ -37,6 +37,7 @@ class MemorySource:
 
     items: dict[bytes, MemItem] = field(default_factory=dict)
     received_order: list[bytes] = field(default_factory=list)
+    receipts: set[bytes] = field(default_factory=set)
 
     def sync_keys(self) -> list[tuple[int, bytes]]:
         return sorted((i.ts, i.id) for i in self.items.values())
@@ -47,11 +48,10 @@ class MemorySource:
     def add_envelope(self, env: Envelope, now: float, *, local: bool = False) -> bool:
         if env.id in self.items:
             return False
-        for item in self.items.values():
-            if item.kind == KIND_RECEIPT and item.id == env.receipt_hash:
-                self.items[env.id] = MemItem(env.id, KIND_TOMBSTONE, env.created_min, None,
-                                             env.dedup_until())
-                return True
+        if env.receipt_hash in self.receipts:
+            self.items[env.id] = MemItem(env.id, KIND_TOMBSTONE, env.created_min, None,
+                                         env.dedup_until())
+            return True
         hops = env.hops_left if local else RoutingPolicy.hops_to_store(env)
         self.items[env.id] = MemItem(
             env.id, KIND_ENVELOPE, env.created_min, env.with_mutable(hops_left=hops).to_bytes(),
@@ -63,10 +63,11 @@ class MemorySource:
             return False
         self.items[receipt.id] = MemItem(receipt.id, KIND_RECEIPT, receipt.issued_min,
                                          receipt.to_bytes(), receipt.keep_until(), size=20)
+        self.receipts.add(receipt.answers)
         for item in list(self.items.values()):
             if item.kind == KIND_ENVELOPE and item.data is not None:
                 env = Envelope.from_bytes(item.data)
-                if env.receipt_hash == receipt.id:
+                if env.receipt_hash == receipt.answers:
                     self.items[item.id] = MemItem(item.id, KIND_TOMBSTONE, item.ts, None,
                                                   env.dedup_until())
         return True

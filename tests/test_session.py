@@ -339,3 +339,33 @@ def test_bytes_on_wire_are_padded_buckets(n_items: int) -> None:
     out = a.data_to_send(NOW + 3)
     # One padded ping: 2-byte record length + 64-byte bucket + 16-byte tag.
     assert len(out) == 2 + 64 + 16
+
+
+def test_hello_with_a_tiny_frame_limit_closes_cleanly() -> None:
+    """A peer announcing an unusable frame size gets a closed link, never an exception."""
+    sa, sb = MemorySource(), MemorySource()
+    a, b = session_pair(sa, sb, NOW, SessionConfig(max_frame=100))
+    ea, _ = drive(a, b, sa, sb, NOW)
+    assert a.closed and "frame limit too small" in closed_events(ea)[0].reason
+    b.handle_timer(NOW + 60)
+    assert b.closed
+
+
+def test_records_after_msg3_in_the_same_read_are_accepted() -> None:
+    """The handshake record cap must not apply to transport records that arrive together
+    with the last handshake message."""
+    sa, sb = MemorySource(), MemorySource()
+    fill(sa, range(3000))
+    a, b = session_pair(sa, sb, NOW)
+    b.receive_data(a.data_to_send(NOW), NOW)
+    a.receive_data(b.data_to_send(NOW), NOW)
+    # A 1 KiB record right behind msg3 (a Want, out of place: the session says so).
+    a._send_frame(wire.Want(ids=tuple(bytes([i]) * 16 for i in range(40))))
+    data = a.data_to_send(NOW)
+    assert len(data) > 1000
+    b.receive_data(data, NOW)
+    events = []
+    while (e := b.next_event()) is not None:
+        events.append(e)
+    [closed] = closed_events(events)
+    assert "want before reconciliation finished" in closed.reason

@@ -144,7 +144,7 @@ def test_stream_framer_reassembles_any_split(records: list[bytes], data: st.Data
 
 def test_stream_framer_rejects_zero_length_and_bounds_its_buffer() -> None:
     with pytest.raises(RemoteProtocolError):
-        wire.StreamFramer().feed(b"\x00\x00")
+        list(wire.StreamFramer().feed(b"\x00\x00"))
     framer = wire.StreamFramer(max_record=100)
     with pytest.raises(RemoteProtocolError):
-        framer.feed(b"\x00\x65")
+        list(framer.feed(b"\x00\x65"))

@@ -53,7 +53,7 @@ def memory_pipe(name_a: str = "a", name_b: str = "b", depth: int = 64) -> tuple[
     """Two connected ends; ``depth`` chunks may be in flight each way before writers wait."""
     a_to_b: asyncio.Queue[bytes] = asyncio.Queue(depth)
     b_to_a: asyncio.Queue[bytes] = asyncio.Queue(depth)
-    a = MemoryLink(inbox=b_to_a, outbox=a_to_b, address=f"memory:{name_b}")
-    b = MemoryLink(inbox=a_to_b, outbox=b_to_a, address=f"memory:{name_a}")
+    a = MemoryLink(inbox=b_to_a, outbox=a_to_b, address=f"mem-{name_b}")
+    b = MemoryLink(inbox=a_to_b, outbox=b_to_a, address=f"mem-{name_a}")
     a.peer, b.peer = b, a
     return a, b

@@ -7,6 +7,7 @@ typed is validated here with a ``UserError`` that says what to do.
 
 from __future__ import annotations
 
+import sqlite3
 import time
 from typing import Any
 
@@ -152,9 +153,12 @@ def queue_message(store: Store, identity: Identity, conversation: str, text: str
                                           **_seal_kwargs(now, ttl_s, hops))
         rhash = receipt_hash(secret)
         label = contact.name
-    with store.batch():
-        store.add_envelope(env, now=now, origin="self", local=True)
-        store.outbox_add(env.id.hex(), contact=label, text=text, now=now, receipt_hash=rhash)
+    try:
+        with store.batch():
+            store.add_envelope(env, now=now, origin="self", local=True)
+            store.outbox_add(env.id.hex(), contact=label, text=text, now=now, receipt_hash=rhash)
+    except sqlite3.Error as exc:
+        raise UserError(f"could not save the message ({exc}); is the disk full?") from None
     return env.id.hex(), env
 
 

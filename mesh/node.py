@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import logging
 import random
+import sqlite3
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -364,14 +365,24 @@ class Node:
         new_ids: list[bytes] = []
         acks: list[tuple[bytes, bool]] = []
         published: list[api.NodeEvent] = []
-        with self.store.batch():
-            for event in events:
-                if isinstance(event, ReceiptReceived):
-                    stored = self._take_receipt(event.receipt, now, new_ids, published)
-                    acks.append((event.receipt.id, stored))
-                else:
-                    stored = self._take_envelope(runner, event.envelope, now, new_ids, published)
-                    acks.append((event.envelope.id, stored))
+        try:
+            with self.store.batch():
+                for event in events:
+                    if isinstance(event, ReceiptReceived):
+                        stored = self._take_receipt(event.receipt, now, new_ids, published)
+                        acks.append((event.receipt.id, stored))
+                    else:
+                        stored = self._take_envelope(runner, event.envelope, now, new_ids,
+                                                     published)
+                        acks.append((event.envelope.id, stored))
+        except sqlite3.Error as exc:
+            # Disk full or I/O error: the batch rolled back, so refuse all of it (the peer
+            # keeps its copies and may try again later) and keep serving.
+            log.error("could not store %d items from %s: %s; refusing them", len(events),
+                      runner.peer_key, exc)
+            acks = [(e.envelope.id if isinstance(e, EnvelopeReceived) else e.receipt.id, False)
+                    for e in events]
+            new_ids, published = [], []
         # Committed: now, and only now, acknowledge and tell everyone else.
         for item_id, stored in acks:
             if not runner.session.closed:

@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: run relay test check lint types bench clean
+.PHONY: run relay test check lint types bench fuzz clean
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -27,7 +27,7 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
 
 lint: $(STAMP)
-	$(BIN)/ruff check mesh tui tests
+	$(BIN)/ruff check mesh tui tests fuzz
 
 types: $(STAMP)
 	$(BIN)/mypy
@@ -36,6 +36,17 @@ check: lint types test
 
 bench: $(STAMP)
 	@echo "benchmarks land with the performance issue"
+
+# Coverage-guided fuzzing of every decoder; FUZZ_RUNS inputs per target (atheris).
+FUZZ_RUNS ?= 1000000
+FUZZ_TARGETS := frame envelope receipt contact invite plaintext stream session reconcile
+fuzz: $(STAMP)
+	$(BIN)/pip install -q atheris
+	@for t in $(FUZZ_TARGETS); do \
+		echo "== $$t"; \
+		$(BIN)/python fuzz/fuzz_decoders.py $$t -runs=$(FUZZ_RUNS) -print_final_stats=1 2>&1 \
+			| grep -E "^(Done|stat::number_of_executed_units|==.*ERROR)" || exit 1; \
+	done
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info

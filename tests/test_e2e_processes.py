@@ -7,6 +7,7 @@ Every process started here is killed and waited for by PID, even when the test f
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import re
@@ -19,6 +20,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
+from mesh.identity import Identity
 
 ROOT = Path(__file__).resolve().parents[1]
 SECRET = "the plaintext no relay may see 7f3a"
@@ -151,4 +154,14 @@ def chain_scenario(tmp_path: Path, relays: Relays) -> None:
         text = log.read_text()
         assert "peer connected" in text and "stored" in text
     assert "delivered" in a_log.read_text()
+
+    # Secrets in logs: no plaintext, no key material, in any log of the run.
+    logs = "".join(p.read_text(errors="replace") for h in homes.values()
+                   for p in h.glob("relay-*.log"))
+    assert SECRET not in logs
+    for home in homes.values():
+        identity = Identity.load(home / "identity.key", None)
+        for secret in (identity._seed, identity.dh_keypair.private):
+            assert secret.hex() not in logs
+            assert base64.b64encode(secret).decode() not in logs
     assert os.path.exists(homes["b"] / "store.sqlite")

@@ -10,7 +10,6 @@ import os
 import random
 import sqlite3
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -52,6 +51,7 @@ def inbox_texts(home: Path) -> list[str]:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(600)
 def test_sigkill_at_twenty_random_points_loses_nothing(tmp_path: Path) -> None:
     rng = random.Random(20261125)
     hx, hy = tmp_path / "x", tmp_path / "y"

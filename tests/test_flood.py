@@ -99,6 +99,7 @@ async def flood(port: int, n: int) -> int:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(900)
 def test_flooding_neighbour_fills_only_its_share(tmp_path: Path) -> None:
     homes = {n: tmp_path / n for n in ("target", "honest", "far")}
     for name, home in homes.items():

@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: run relay test check lint types bench fuzz clean
+.PHONY: run relay test test-soak check lint types bench fuzz clean
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -16,15 +16,22 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q -e '.[test]'
 	touch $(STAMP)
 
+# The chat window on the default profile. On first run it creates your identity; if a
+# relay already runs on the profile it attaches to it. Ctrl+Q quits (the relay stays).
 run: $(STAMP)
-	@echo "Starting a relay on the default profile (Ctrl-C stops it)."
+	$(BIN)/pigeon chat
+
+# A headless relay on the default profile (what `make run` started before the chat window).
+relay: $(STAMP)
 	@$(BIN)/pigeon id >/dev/null 2>&1 || $(BIN)/pigeon init --name "$${USER:-me}"
-	@$(BIN)/pigeon id
-	@echo "Send a message from another terminal:  $(BIN)/pigeon contacts add NAME CODE && $(BIN)/pigeon send NAME 'hello'"
 	$(BIN)/pigeon relay
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
+
+# The slow tier: the full 100,000-envelope flood against a relay process.
+test-soak: $(STAMP)
+	PIGEON_FLOOD_N=100000 $(BIN)/python -m pytest -q -p no:cacheprovider -s tests/test_flood.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check mesh tui tests fuzz

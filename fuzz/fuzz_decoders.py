@@ -32,7 +32,7 @@ class _EmptySource:
 
 
 _KEY = generate_keypair()
-_RECONCILE_KEYS = [(29_000_000 + i // 3, bytes([i % 251, i // 251]) * 8) for i in range(500)]
+_RECONCILE_KEYS = sorted({(29_000_000 + i // 3, bytes([i % 251, i // 251]) * 8) for i in range(500)})
 
 
 def _frame(data: bytes) -> None:

@@ -34,7 +34,9 @@ from mesh.reconcile import ReconcileMessage, Reconciler
 from mesh.routing import KIND_RECEIPT, RoutingPolicy, SyncSource
 
 PROLOGUE = b"pigeon-link/"
-MAX_RECONCILE_ROUNDS = 64
+#: Each round is bounded by the frame cap; small (BLE-sized) frames need many rounds for
+#: large differences (1 KiB frames: ~330 messages measured), so the cap is generous.
+MAX_RECONCILE_ROUNDS = 1024
 MAX_PEER_HAS = 1_000_000
 #: Handshake records are small (XX with a Hello payload is under 200 bytes); a peer that
 #: announces more before authenticating is not speaking Pigeon, so say so at once instead

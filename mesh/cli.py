@@ -327,7 +327,7 @@ def cmd_chat(args: argparse.Namespace, profile: Profile) -> int:
     (and serves the control socket, so other commands keep working), or attaches to the
     relay that already holds the profile and leaves it running on exit."""
     from mesh.host import ChatHost
-    from tui.app import PigeonApp  # noqa: PLC0415  (only `pigeon chat` loads Textual)
+    from tui.app import PigeonApp  # here, so only `pigeon chat` loads Textual
 
     listen = [parse_hostport(x) for x in args.listen or []]
     peers = [parse_hostport(x) for x in args.peer]
@@ -343,23 +343,35 @@ def cmd_chat(args: argparse.Namespace, profile: Profile) -> int:
     # --log FILE or nowhere (a log of peers met is itself sensitive on a seized device).
     root = logging.getLogger()
     for handler in list(root.handlers):
-        root.removeHandler(handler)
+        if type(handler) is logging.StreamHandler:  # the console handler main() set up
+            root.removeHandler(handler)
+    log_handler: logging.Handler = logging.NullHandler()
     if args.log:
-        file_handler = logging.FileHandler(args.log)
-        file_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-        root.addHandler(file_handler)
-    else:
-        root.addHandler(logging.NullHandler())
+        log_handler = logging.FileHandler(args.log)
+        os.chmod(args.log, 0o600)  # it names the peers met: owner-only, like the profile
+        log_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root.addHandler(log_handler)
     try:
         app = PigeonApp(host, bell=not args.no_bell)
         host.on_wipe = app.exit
         code = asyncio.run(_run_chat(app, host))
     finally:
         host.release()
+        root.removeHandler(log_handler)
+        log_handler.close()
     if host.wipe_requested:
         wipe_profile(profile)
         return 0
     return code
+
+
+def cmd_sim(args: argparse.Namespace, profile: Profile) -> int:
+    """Run the simulator; needs no profile (``mesh/sim/command.py`` does the work)."""
+    from mesh.sim import command as sim_command
+    from mesh.sim.report import format_summary
+
+    _print(args, sim_command.run(args), format_summary)
+    return 0
 
 
 async def _run_chat(app: Any, host: Any) -> int:
@@ -444,13 +456,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-ble", action="store_true", help="no Bluetooth LE")
     p.add_argument("--quota-mb", type=float, default=256.0,
                    help="disk quota for messages carried for others (default 256 MB)")
+
+    from mesh.sim.command import add_arguments as add_sim_arguments
+    p = sub.add_parser("sim", help="simulate a mesh of nodes on a contact trace (no network)")
+    add_sim_arguments(p)
     return parser
 
 
 COMMANDS: dict[str, Callable[[argparse.Namespace, Profile], int]] = {
     "init": cmd_init, "id": cmd_id, "contacts": cmd_contacts, "send": cmd_send,
     "inbox": cmd_inbox, "outbox": cmd_outbox, "status": cmd_status, "relay": cmd_relay,
-    "wipe": cmd_wipe, "chat": cmd_chat,
+    "wipe": cmd_wipe, "chat": cmd_chat, "sim": cmd_sim,
 }
 
 

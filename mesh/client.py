@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from mesh import api
+from mesh.chat import KeyChangedError
 from mesh.control import MAX_LINE
 from mesh.errors import UserError
 from mesh.node import Node
@@ -121,15 +122,23 @@ class RemoteClient:
                 self._reader, self._writer = await asyncio.open_unix_connection(
                     str(self.path), limit=MAX_LINE * 16)
             assert self._reader is not None
-            self._writer.write(json.dumps({"op": op, **args}).encode() + b"\n")
-            await self._writer.drain()
-            line = await self._reader.readline()
+            try:
+                self._writer.write(json.dumps({"op": op, **args}).encode() + b"\n")
+                await self._writer.drain()
+                line = await self._reader.readline()
+            except BaseException:
+                # Cancelled (a UI worker replaced) or failed mid-request: the reply may still
+                # come, so this connection is out of step. Drop it; the next call reconnects.
+                self._writer.close()
+                self._writer = None
+                raise
         if not line:
             self._writer = None
             raise UserError("the relay closed the connection")
         reply = json.loads(line)
         if not reply.get("ok"):
-            raise UserError(str(reply.get("error", "request failed")))
+            error = KeyChangedError if reply.get("kind") == "KeyChangedError" else UserError
+            raise error(str(reply.get("error", "request failed")))
         return reply.get("result")
 
     async def identity(self) -> dict[str, str]:

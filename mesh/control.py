@@ -104,7 +104,9 @@ class ControlServer:
         try:
             return {"ok": True, "result": await handler(request)}
         except UserError as exc:
-            return {"ok": False, "error": str(exc)}
+            # "kind" lets an attached UI tell a key change (a loud warning) from any other
+            # refusal, exactly as it would in-process.
+            return {"ok": False, "error": str(exc), "kind": type(exc).__name__}
         except Exception as exc:
             log.exception("control op %s failed", request["op"])
             return {"ok": False, "error": f"internal error: {type(exc).__name__}"}

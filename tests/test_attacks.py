@@ -14,8 +14,8 @@ import pytest
 from mesh import api, wire
 from mesh.envelope import CLOCK_SKEW_S, Envelope, Receipt
 from mesh.identity import Identity, encode_contact
-from mesh.noise import generate_keypair
 from mesh.node import Node, NodeConfig
+from mesh.noise import generate_keypair
 from mesh.sealing import seal_direct
 from mesh.session import LinkSession
 from mesh.store import AddResult, Store

@@ -40,8 +40,47 @@ def test_msgpack_is_used_only_by_the_codec() -> None:
 
 
 def test_importing_mesh_never_imports_textual() -> None:
-    code = ("import sys, mesh.cli, mesh.node, mesh.store, mesh.session; "
-            "print(any(m == 'textual' or m.startswith('textual.') for m in sys.modules))")
+    """Every mesh module, the CLI included: only `pigeon chat` loads Textual, lazily."""
+    code = ("import sys, importlib, pkgutil, mesh, mesh.cli, mesh.node, mesh.store, mesh.session; "
+            "[importlib.import_module(m.name) for m in pkgutil.walk_packages(mesh.__path__, 'mesh.')]; "
+            "print(sorted(m for m in sys.modules if m == 'textual' or m.startswith('textual.')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          cwd=ROOT, check=True)
-    assert out.stdout.strip() == "False"
+    assert out.stdout.strip() == "[]"
+
+
+#: What the TUI may import from the core, and why. Everything else (the store, the node
+#: runtime, the control socket, profiles, locks) is reached only through a NodeClient,
+#: and `pigeon chat` (mesh.cli + mesh.host) decides where the node runs and hands the app
+#: a backend, so first run needs no profile helpers in tui/ at all.
+TUI_ALLOWED: dict[str, set[str] | None] = {
+    "mesh": {"api"},                      # `from mesh import api`
+    "mesh.api": None,                     # plain data types and events
+    "mesh.client": {"NodeClient"},        # the one API to the node, in-process or attached
+    "mesh.errors": {"UserError"},         # messages meant for a person
+    "mesh.chat": {"KeyChangedError"},     # a key change gets the loud warning screen
+    "mesh.identity": {"decode_contact"},  # show a pasted code's fingerprint before saving it
+}
+
+
+def test_tui_reaches_the_node_only_through_its_public_api() -> None:
+    checked = 0
+    for path in sorted((ROOT / "tui").rglob("*.py")):
+        tree = ast.parse(path.read_text())
+        where = path.relative_to(ROOT).as_posix()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                for alias in node.names:
+                    assert not alias.name.startswith("mesh"), f"{where}: import {alias.name}"
+                    assert alias.name.split(".")[0] not in {"sqlite3", "socket"}, where
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                module = node.module
+                assert module.split(".")[0] not in {"sqlite3", "socket"}, f"{where}: {module}"
+                if module != "mesh" and not module.startswith("mesh."):
+                    continue
+                checked += 1
+                assert module in TUI_ALLOWED, f"{where} imports {module}"
+                allowed = TUI_ALLOWED[module]
+                names = {alias.name for alias in node.names}
+                assert allowed is None or names <= allowed, f"{where}: {module} {names - allowed}"
+    assert checked > 5

@@ -329,14 +329,18 @@ def cmd_chat(args: argparse.Namespace, profile: Profile) -> int:
     from mesh.host import ChatHost
     from tui.app import PigeonApp  # here, so only `pigeon chat` loads Textual
 
-    listen = [parse_hostport(x) for x in args.listen or []]
+    # With LAN discovery on, the chat listens like a relay does, so two chat windows on one
+    # Wi-Fi find each other; if the port is taken it takes any free one.
+    listen = ([parse_hostport(x) for x in args.listen] if args.listen
+              else [] if args.no_lan else [DEFAULT_LISTEN_ADDR])
     peers = [parse_hostport(x) for x in args.peer]
     interfaces = getattr(args, "interface", None)
 
     async def lan(node: Node) -> Any:
         return await start_lan(node, interfaces)
 
-    host = ChatHost(profile, NodeConfig(listen=listen, peers=peers),
+    host = ChatHost(profile, NodeConfig(listen=listen, peers=peers,
+                                        listen_any_port_if_busy=not args.listen),
                     passphrase=_passphrase(args), extras=[] if args.no_lan else [lan])
     host.claim()
     # The window owns the terminal: log lines on stderr would tear it, so they go to
@@ -433,7 +437,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("chat", help="the chat window (runs a node, or attaches to the relay)")
     p.add_argument("--listen", action="append", metavar="HOST:PORT",
-                   help="accept links here (default: none; LAN discovery still dials out); "
+                   help="accept links here (default with LAN discovery on: every address, "
+                        "port 7447, or a free port if it is taken; with --no-lan: none); "
                         "repeatable")
     p.add_argument("--peer", action="append", default=[], metavar="HOST:PORT",
                    help="keep a link to this peer; repeatable")

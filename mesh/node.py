@@ -61,6 +61,9 @@ class NodeConfig:
     peers: list[tuple[str, int]] = field(default_factory=list)
     session: SessionConfig = field(default_factory=SessionConfig)
     max_links: int = 32
+    #: Fall back to a free port when a listen port is taken (chat windows beside a relay
+    #: or another profile on the same laptop; LAN discovery announces the real port).
+    listen_any_port_if_busy: bool = False
     #: Links still in the Noise handshake at once; the rest wait their turn by being refused,
     #: so half-open connections cannot crowd out real peers.
     max_handshakes: int = 8
@@ -181,7 +184,13 @@ class Node:
 
     async def start(self) -> None:
         for host, port in self.config.listen:
-            server = await listen_tcp(host, port, self._accept_tcp)
+            try:
+                server = await listen_tcp(host, port, self._accept_tcp)
+            except OSError:
+                if not self.config.listen_any_port_if_busy:
+                    raise
+                log.info("port %s is busy; listening on a free port instead", port)
+                server = await listen_tcp(host, 0, self._accept_tcp)
             self._servers.append(server)
             for sock in server.sockets:
                 name = sock.getsockname()
@@ -344,8 +353,11 @@ class Node:
             elif isinstance(event, SyncProgressed | TransferPlanned):
                 self._publish_peer(runner)
             elif isinstance(event, ItemDropped):
-                log.info("dropped item %s from %s: %s", short(event.item_id),
-                         runner.peer_key, event.reason)
+                runner.refused += 1
+                if runner.item_log_budget > 0:
+                    runner.item_log_budget -= 1
+                    log.info("dropped item %s from %s: %s", short(event.item_id),
+                             runner.peer_key, event.reason)
             elif isinstance(event, LinkClosed):
                 runner.closed_event = event
                 level = logging.WARNING if event.error else logging.INFO
@@ -369,7 +381,8 @@ class Node:
             with self.store.batch():
                 for event in events:
                     if isinstance(event, ReceiptReceived):
-                        stored = self._take_receipt(event.receipt, now, new_ids, published)
+                        stored = self._take_receipt(runner, event.receipt, now, new_ids,
+                                                    published)
                         acks.append((event.receipt.id, stored))
                     else:
                         stored = self._take_envelope(runner, event.envelope, now, new_ids,
@@ -394,12 +407,14 @@ class Node:
             # only gets what is new to it (the receipt we just issued, for example).
             self._offer(new_ids)
 
-    def _take_receipt(self, receipt: Receipt, now: float, new_ids: list[bytes],
-                      published: list[api.NodeEvent]) -> bool:
+    def _take_receipt(self, runner: _LinkRunner, receipt: Receipt, now: float,
+                      new_ids: list[bytes], published: list[api.NodeEvent]) -> bool:
         is_new, purged = self.store.add_receipt(receipt, now=now)
         if is_new:
             new_ids.append(receipt.id)
-            log.info("receipt stored %s (purged %d copies)", short(receipt.id), len(purged))
+            if runner.item_log_budget > 0:
+                runner.item_log_budget -= 1
+                log.info("receipt stored %s (purged %d copies)", short(receipt.id), len(purged))
         msg_id = self.store.outbox_by_receipt_hash(receipt.answers)
         if msg_id is not None and self.store.outbox_set_state(msg_id, api.STATE_DELIVERED, now=now):
             log.info("delivered %s", msg_id[:12])

@@ -410,10 +410,9 @@ class Store(AppTablesMixin):
             if env.ttl_left_s <= 0:
                 return AddResult.EXPIRED
             if self._answered(env.receipt_hash):
-                self._insert_item(
-                    eid, ItemKind.TOMBSTONE, env.created_min, None, 0, None, env.dedup_until(),
-                    env.dedup_until(), env.hops_left, env.stamp_bits, origin, local, now,
-                )
+                # Nothing is stored, not even a tombstone: anyone who has seen a receipt
+                # could otherwise mint endless envelopes under its hash, each one a
+                # permanent, quota-free id in every peer's sync set.
                 return AddResult.ANSWERED
             bits = env.stamp_bits
             if not local:

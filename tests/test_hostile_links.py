@@ -138,3 +138,39 @@ async def test_link_cap_refuses_extra_connections(tmp_path: Path) -> None:
     for _, writer in conns:
         writer.close()
     await target.stop()
+
+
+async def test_handshake_cap_refuses_the_ninth_half_open_link(tmp_path: Path) -> None:
+    """Half-open handshakes are capped separately from established links."""
+    target = make_node(tmp_path, "target", listen=[("127.0.0.1", 0)], max_handshakes=8)
+    await target.start()
+    port = int(target.listening[0].rsplit(":", 1)[1])
+    conns = [await asyncio.open_connection("127.0.0.1", port) for _ in range(12)]
+    await asyncio.sleep(0.3)
+    assert len(target._runners) == 8
+    for _, writer in conns:
+        writer.close()
+    await target.stop()
+
+
+async def test_frame_larger_than_announced_limit_closes_the_link(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    from mesh.session import SessionConfig
+    caplog.set_level(logging.INFO, logger="pigeon")
+    target = make_node(tmp_path, "target", listen=[("127.0.0.1", 0)],
+                       session=SessionConfig(max_frame=20_000))
+    await target.start()
+    port = int(target.listening[0].rsplit(":", 1)[1])
+    reader, writer, cs = await handshaken_attacker(port)
+    oversized = wire.encode_frame(wire.Items(items=((1, bytes(30_000)),)))
+    assert len(oversized) > 20_000
+    writer.write(encrypted(cs, oversized))
+    await writer.drain()
+
+    async def drained() -> None:
+        while await reader.read(65536):
+            pass
+    await asyncio.wait_for(drained(), timeout=15)
+    writer.close()
+    await target.stop()
+    assert any("larger than the limit we announced" in r.getMessage() for r in caplog.records)

@@ -523,8 +523,9 @@ class Node:
             if self.store.outbox_set_state(msg_id, api.STATE_RELAYED, now=now):
                 log.info("handed %s to %s", msg_id[:12], runner.peer_key)
                 self._publish(api.MessageStateChanged(id=msg_id, state=api.STATE_RELAYED))
-            else:
-                log.debug("forwarded %s to %s", short(item_id), runner.peer_key)
+            elif runner.item_log_budget > 0:
+                runner.item_log_budget -= 1
+                log.info("forwarded %s to %s", short(item_id), runner.peer_key)
 
     def _offer(self, ids: list[bytes]) -> None:
         for runner in self._runners:

@@ -224,3 +224,49 @@ async def test_relay_keeps_serving_after_a_bad_peer_disconnects(tmp_path: Path) 
     await link.close()
     await a.stop()
     await b.stop()
+
+
+# 4: broadcast spam and impersonation on the public channel ------------------------------------
+
+
+async def test_public_channel_shows_a_stranger_only_up_to_its_rate_limit(tmp_path: Path) -> None:
+    from mesh.chat import PUBLIC_RATE_PER_HOUR
+    clock = Clock(NOW)
+    spammer, reader = make_node(tmp_path, "spam", clock), make_node(tmp_path, "reader", clock)
+    for i in range(PUBLIC_RATE_PER_HOUR + 5):
+        spammer.send("#public", f"buy now {i}")
+    link = Link(spammer, reader)
+    await wait_until(lambda: reader.store.stats().envelopes >= PUBLIC_RATE_PER_HOUR + 5)
+    await link.close()
+    shown = [m for m in reader.inbox() if m.conversation == "#public"]
+    assert len(shown) == PUBLIC_RATE_PER_HOUR
+    for node in (spammer, reader):
+        await node.stop()
+
+
+# 13: amplification ---------------------------------------------------------------------------
+
+
+def test_a_peer_that_never_acknowledges_gets_at_most_one_window() -> None:
+    """A sync request costs the requester a handshake and a reconcile opening; what it can
+    make us send before acknowledging anything is bounded by the flow-control window."""
+    from mesh.session import EnvelopeReceived, SessionConfig
+    relay, greedy = MemorySource(), MemorySource()
+    for i in range(3000):
+        relay.add_envelope(make_envelope(i, body_len=600, created_min=int(NOW // 60)), NOW,
+                           local=True)
+    config = SessionConfig(window_bytes=128 * 1024)
+    r, g = session_pair(relay, greedy, NOW, config)
+    sent_by_relay = 0
+    for _ in range(500):
+        for me, peer in ((r, g), (g, r)):
+            while (event := me.next_event()) is not None:
+                assert not (me is r and isinstance(event, EnvelopeReceived))
+            data = me.data_to_send(NOW)
+            if me is r:
+                sent_by_relay += len(data)
+            if data:
+                peer.receive_data(data, NOW)
+    assert 0 < r.sent_items < 3000
+    assert r._in_flight_bytes <= 128 * 1024 + 700  # the window, overshot by at most one item
+    assert sent_by_relay < 128 * 1024 + 200 * 1024  # one window plus reconciliation

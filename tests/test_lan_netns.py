@@ -364,3 +364,145 @@ def test_hostile_flood_costs_bounded_memory_and_attempts(lab: Lab, tmp_path: Pat
         assert 0 < kb < 200 * 1024, f"relay {name} uses {kb} kB"
     for name, (proc, _) in procs.items():
         assert proc.poll() is None, f"relay {name} died"
+
+
+# ---- e. the announcement carries nothing that identifies the node across restarts ---------
+
+COLLECT = textwrap.dedent("""
+    import asyncio, json, sys
+    from zeroconf import IPVersion
+    from zeroconf.asyncio import AsyncServiceBrowser, AsyncServiceInfo, AsyncZeroconf
+
+    TYPE = "_pigeon._tcp.local."
+    MY_IP, SECONDS, QUIET = sys.argv[1], float(sys.argv[2]), float(sys.argv[3])
+
+    def record(rec):
+        out = {"kind": type(rec).__name__, "name": rec.name}
+        for attr in ("alias", "server", "next_name"):
+            if hasattr(rec, attr):
+                out[attr] = getattr(rec, attr)
+        if hasattr(rec, "text"):
+            out["text"] = rec.text.hex()
+        if hasattr(rec, "address"):
+            out["address"] = rec.address.hex()
+        return out
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        zc = AsyncZeroconf(interfaces=[MY_IP], ip_version=IPVersion.V4Only)
+        names = set()
+        browser = AsyncServiceBrowser(zc.zeroconf, TYPE, handlers=[
+            lambda zeroconf, service_type, name, state_change: names.add(name)])
+        services, last_new = {}, loop.time()
+        deadline = loop.time() + SECONDS
+        while loop.time() < deadline:
+            for name in sorted(names - services.keys()):
+                info = AsyncServiceInfo(TYPE, name)
+                if await info.async_request(zc.zeroconf, 1500):
+                    services[name] = {
+                        "server": info.server,
+                        "properties": {k.decode("latin-1"): (v or b"").decode("latin-1")
+                                       for k, v in info.properties.items()},
+                        "addresses": info.parsed_scoped_addresses()}
+                    last_new = loop.time()
+            if services and names <= services.keys() and loop.time() - last_new >= QUIET:
+                break
+            await asyncio.sleep(0.2)
+        records = [record(r) for entries in list(zc.zeroconf.cache.cache.values())
+                   for r in list(entries)]
+        await browser.async_cancel()
+        await zc.async_close()
+        print(json.dumps({"services": services, "records": records}))
+
+    asyncio.run(main())
+""")
+
+
+def collect_announcements(lab: Lab, ns: str, my_ip: str, script: Path) -> dict[str, Any]:
+    """Browse ``_pigeon._tcp`` from inside ``ns`` for at most ~12 s; services and raw records."""
+    assert ns in lab.namespaces  # zeroconf runs only in a namespace this test created
+    done = subprocess.run(["ip", "netns", "exec", ns, PY, str(script), my_ip, "10", "1.5"],
+                          capture_output=True, text=True, cwd=ROOT, timeout=25, check=True)
+    return json.loads(done.stdout)
+
+
+def windows(text: str, size: int) -> set[str]:
+    text = text.lower()
+    return {text[i:i + size] for i in range(max(1, len(text) - size + 1))}
+
+
+def test_announcement_carries_no_static_identifier(lab: Lab, tmp_path: Path) -> None:
+    """Issue 5 item 1: no static identifier in the mDNS records, and nothing survives a restart."""
+    import socket
+
+    home = tmp_path / "a"
+    me = pigeon_json(home, "init", "--name", "Quillon Marbleback")
+    hosts = {n: lab.netns(n) for n in "ab"}
+    segment_with(lab, hosts, "10.71.0")
+    link = json.loads(subprocess.run(["ip", "-n", hosts["a"], "-j", "link", "show", "eth0"],
+                                     capture_output=True, text=True, timeout=10,
+                                     check=True).stdout)
+    mac = bytes.fromhex(link[0]["address"].replace(":", ""))
+    eui64 = bytes([mac[0] ^ 0x02]) + mac[1:3] + b"\xff\xfe" + mac[3:]
+    script = tmp_path / "collect.py"
+    script.write_text(COLLECT)
+
+    runs = []
+    for attempt in range(2):
+        log = tmp_path / f"a-run{attempt}.log"
+        proc = lab.spawn(hosts["a"], [PY, "-m", "mesh.cli", "--home", str(home), "relay",
+                                      "--no-ble", "--listen", f"0.0.0.0:{PORT}"], log)
+        wait_until(lambda log=log: "lan: announcing port" in log.read_text(errors="replace"), 15,
+                   f"relay a announcing (run {attempt})")
+        seen = collect_announcements(lab, hosts["b"], "10.71.0.2", script)
+        assert lab.stop(proc) == 0, f"relay a did not exit cleanly (run {attempt})"
+        assert seen["services"], f"b saw no announcement in run {attempt}: {seen}"
+        runs.append(seen)
+
+    def labels(seen: dict[str, Any]) -> dict[str, set[str]]:
+        services = seen["services"]
+        return {
+            "instance": {n.removesuffix("._pigeon._tcp.local.") for n in services},
+            "server": {s["server"].removesuffix(".local.") for s in services.values()},
+            "token": {s["properties"].get("t", "") for s in services.values()},
+        }
+
+    first, second = labels(runs[0]), labels(runs[1])
+    print(f"\nannouncements: run 1 {first}; run 2 {second}; record kinds "
+          f"{[sorted({r['kind'] for r in seen['records']}) for seen in runs]}")
+    for kind in first:
+        assert first[kind].isdisjoint(second[kind]), f"{kind} survived the restart: {first[kind]}"
+
+    secrets_: set[str] = set()
+    secrets_ |= windows(me["node_id"], 8)
+    secrets_ |= windows(re.sub(r"\D", "", me["fingerprint"]), 10)
+    secrets_ |= {g for g in me["fingerprint"].split() if len(g) >= 5} - {""}
+    secrets_ |= windows(me["contact"].removeprefix("pigeon1"), 8)
+    secrets_ |= {me["name"].lower(), *me["name"].lower().split(),
+                 me["name"].lower().replace(" ", "")}
+    host = socket.gethostname().lower()
+    secrets_ |= {host, host.split(".")[0]} - {""}
+    mac_texts = {mac.hex(), mac.hex(":"), mac.hex("-"), eui64.hex()}
+
+    for n, seen in enumerate(runs):
+        for name, service in seen["services"].items():
+            assert set(service["properties"]) == {"v", "t"}, (name, service["properties"])
+            assert service["addresses"] == ["10.71.0.1"], service["addresses"]
+        # Everything per-instance the records carry, the service type itself left out.
+        parts = [*labels(seen)["instance"], *labels(seen)["server"]]
+        for rec in seen["records"]:
+            parts.append(rec["name"].replace("_pigeon._tcp.local.", "").replace(".local.", ""))
+            for key in ("alias", "server", "next_name"):
+                if key in rec:
+                    parts.append(rec[key].replace("_pigeon._tcp.local.", "")
+                                 .replace(".local.", ""))
+            raw = bytes.fromhex(rec.get("text", "") + rec.get("address", ""))
+            parts.append(raw.decode("latin-1"))
+            assert mac not in raw and eui64 not in raw, f"MAC in record {rec}"
+            if rec["kind"] == "DNSAddress":
+                assert raw in (bytes([10, 71, 0, 1]),), f"unexpected address record {rec}"
+        haystack = "\n".join(parts).lower()
+        leaks = sorted(s for s in secrets_ if s and s in haystack)
+        assert not leaks, f"run {n}: identifiers in the mDNS records: {leaks}\n{haystack}"
+        assert not [t for t in mac_texts if t in haystack], f"run {n}: MAC in {haystack}"
+        assert all(re.fullmatch(r"[0-9a-f]{16}", t) for t in labels(seen)["token"])

@@ -181,3 +181,19 @@ def test_wipe_stops_a_running_relay_first(tmp_path: Path, capsys: pytest.Capture
         if proc.poll() is None:
             proc.kill()
         proc.wait(timeout=10)
+
+
+def test_inbox_output_neutralises_terminal_escapes(tmp_path: Path,
+                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    from mesh.store import Store
+    home = tmp_path / "p"
+    init(capsys, home, "alice")
+    store = Store.open(home / "store.sqlite")
+    store.inbox_add(bytes(16), conversation="bob", sender_key=bytes(32), sender_name="bob",
+                    text="hi\x1b[2J\x1b]0;pwned\x07 there", sent_at=1.0, received_at=2.0,
+                    kind="direct")
+    store.close()
+    for argv in (["inbox"], ["inbox", "--json"]):
+        code, out, _ = run(capsys, "--home", str(home), *argv)
+        assert code == 0 and "\x1b" not in out and "\x07" not in out
+        assert "pwned" in out  # shown, but as inert text

@@ -35,6 +35,7 @@ from mesh.session import (
     ReceiptReceived,
     ReconcileCompleted,
     SessionConfig,
+    State,
     SyncCompleted,
     SyncProgressed,
     TransferPlanned,
@@ -91,14 +92,14 @@ class _LinkRunner:
         self.wake = asyncio.Event()
         self.connected_at = node.clock()
         self.peer_key: str = ""
-        #: Who fills which quota share: the peer's network address (host, not port), which
-        #: survives the peer rotating its link key; link keys would give a flooder a fresh
-        #: share on every reconnect.
         #: Per-item log lines are capped per link (a flood must not become a log flood);
         #: the rest are summed up when the sync completes or the link closes.
         self.item_log_budget = ITEM_LOG_LINES
         self.stored = 0
         self.refused = 0
+        #: Who fills which quota share: the peer's network address (host, not port), which
+        #: survives the peer rotating its link key; link keys would give a flooder a fresh
+        #: share on every reconnect.
         host = link.address.rsplit(":", 1)[0] if ":" in link.address else link.address
         self.origin = f"{link.transport}:{host}"
         self.closed_reason: str | None = None
@@ -235,7 +236,7 @@ class Node:
             log.warning("refused link from %s: too many links", link.address)
             link.close()
             return None
-        handshaking = sum(1 for r in self._runners if r.session.state.value == "handshake")
+        handshaking = sum(1 for r in self._runners if r.session.state == State.HANDSHAKE)
         if handshaking >= self.config.max_handshakes:
             log.warning("refused link from %s: too many handshakes in progress", link.address)
             link.close()

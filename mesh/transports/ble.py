@@ -1,0 +1,384 @@
+"""Bluetooth LE links: Pigeon's GATT layout, a ``Link`` over ``BleFraming``, a bleak central.
+
+GATT layout (one primary service, two characteristics; random 128-bit UUIDs)::
+
+    service  e47f3f75-1b41-4b2f-a6a3-196df32ef4b6   advertised, nothing else is
+    RX       27f2fae8-f76d-4196-8fc2-5eacdc675787   write without response (central -> peripheral)
+    TX       8bee04a6-d0a4-471c-a7c2-52cacaef2320   notify (peripheral -> central)
+
+The central writes framed fragments to RX and receives TX notifications; the peripheral
+receives RX writes and notifies TX to that one central. ``BleFraming`` (sans-IO) does
+fragmentation, link ids, credits and timeouts; ``BleLink`` only drives it with asyncio and
+one send function, so the Noise session above runs unchanged.
+
+Every value is at most ``min(max_write_without_response_size, 500)`` bytes on the
+central and ``min(ATT_MTU - 3, 500)`` on the peripheral (BlueZ loses 511-514-byte write
+commands; see docs/ble.md).
+
+The peripheral side is behind the small ``Peripheral`` protocol so the OS stack is
+pluggable: the tests use a bumble implementation (tests/ble_support.py); a BlueZ one over
+``dbus-fast`` is a later increment. The central uses bleak and takes ``backend=`` classes
+so tests can inject a backend that drives a software controller.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import random
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any, Protocol
+
+from mesh.errors import LocalProtocolError
+from mesh.transports.ble_framing import DEFAULT_WINDOW, MAX_CHUNK, BleFraming
+
+if TYPE_CHECKING:
+    from mesh.node import Node
+
+log = logging.getLogger("pigeon.ble")
+
+SERVICE_UUID = "e47f3f75-1b41-4b2f-a6a3-196df32ef4b6"
+RX_UUID = "27f2fae8-f76d-4196-8fc2-5eacdc675787"
+TX_UUID = "8bee04a6-d0a4-471c-a7c2-52cacaef2320"
+
+#: ``write`` returns once no more than this many stream bytes wait for credit.
+HIGH_WATER = 16 * 1024
+#: How long closing waits to flush a CLOSE fragment and tear the connection down.
+TEARDOWN_TIMEOUT = 5.0
+
+SendFragment = Callable[[bytes], Awaitable[None]]
+
+
+class BleLink:
+    """One BLE link as a ``Link``: stream bytes over ``BleFraming`` fragments.
+
+    ``send_fragment`` writes (central) or notifies (peripheral) one value; ``chunk_size``
+    reports the current maximum value size (it is re-read before every batch, so a late
+    MTU exchange takes effect); ``disconnect`` tears the GATT connection down once the
+    link has closed. Call ``feed`` with every received value, ``lost`` when the
+    connection dropped, and ``start`` once the peer can hear our notifications/writes.
+    """
+
+    transport = "ble"
+
+    def __init__(self, address: str, *, initiator: bool, chunk_size: Callable[[], int],
+                 send_fragment: SendFragment,
+                 disconnect: Callable[[], Awaitable[Any]] | None = None,
+                 window: int = DEFAULT_WINDOW, open_timeout: float = 10.0,
+                 stall_timeout: float = 15.0,
+                 rng: Callable[[int], bytes] = os.urandom) -> None:
+        self.address = address
+        self._loop = asyncio.get_running_loop()
+        self._chunk_size = chunk_size
+        self._send = send_fragment
+        self._disconnect = disconnect
+        self.framing = BleFraming(rng, min(chunk_size(), MAX_CHUNK), self._loop.time(),
+                                  initiator=initiator, window=window,
+                                  open_timeout=open_timeout, stall_timeout=stall_timeout)
+        self._wake = asyncio.Event()  # the pump has work
+        self._changed = asyncio.Event()  # readers and writers may proceed
+        self._lost = False
+        self._pump_task: asyncio.Task[None] | None = None
+        self.fragments_sent = 0
+        self.fragments_received = 0
+
+    # ---- driving ---------------------------------------------------------------------
+
+    def start(self) -> None:
+        if self._pump_task is None:
+            self._pump_task = self._loop.create_task(self._pump())
+
+    @property
+    def closed(self) -> bool:
+        return self.framing.closed
+
+    @property
+    def finished(self) -> asyncio.Task[None] | None:
+        """The pump task: done once the link closed and the connection was torn down."""
+        return self._pump_task
+
+    def feed(self, fragment: bytes) -> None:
+        """One received attribute value (RX write or TX notification). Never raises."""
+        self.fragments_received += 1
+        self.framing.receive_fragment(bytes(fragment), self._loop.time())
+        self._kick()
+
+    def lost(self, reason: str = "BLE connection lost") -> None:
+        """The GATT connection is gone: nothing more can be sent."""
+        self._lost = True
+        self.framing.close(reason)
+        self._kick()
+
+    def _kick(self) -> None:
+        self._wake.set()
+        self._changed.set()
+
+    # ---- Link ------------------------------------------------------------------------
+
+    async def read(self) -> bytes:
+        while True:
+            data = self.framing.received_data()
+            if data:
+                self._wake.set()  # drained fragments may owe the peer credit
+                return data
+            if self.framing.closed:
+                return b""
+            self._changed.clear()
+            await self._changed.wait()
+
+    async def write(self, data: bytes) -> None:
+        if self.framing.closed:
+            raise ConnectionError(self.framing.close_reason or "BLE link closed")
+        self.framing.send(data)
+        self._wake.set()
+        while self.framing.pending > HIGH_WATER:
+            self._changed.clear()
+            await self._changed.wait()
+            if self.framing.closed:
+                raise ConnectionError(self.framing.close_reason or "BLE link closed")
+
+    def close(self) -> None:
+        self.framing.close("closed locally")
+        self._kick()
+        if self._pump_task is None and self._disconnect is not None:
+            self.start()  # never started: still tear the connection down
+
+    # ---- the pump ----------------------------------------------------------------------
+
+    async def _pump(self) -> None:
+        try:
+            while True:
+                self._wake.clear()
+                if not self._lost:
+                    with contextlib.suppress(LocalProtocolError):
+                        self.framing.set_chunk_size(self._chunk_size())
+                    frags = self.framing.fragments_to_send(self._loop.time())
+                    for frag in frags:
+                        await self._send(frag)
+                        self.fragments_sent += 1
+                    if frags:
+                        self._changed.set()  # pending shrank: writers may go on
+                if self.framing.closed or self._lost:
+                    break
+                timer = self.framing.get_timer()
+                delay = 1.0 if timer is None else max(0.0, timer - self._loop.time())
+                try:
+                    await asyncio.wait_for(self._wake.wait(), timeout=delay)
+                except TimeoutError:
+                    self.framing.handle_timer(self._loop.time())
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # the OS stack failed a write: the link is gone
+            log.info("BLE link to %s failed: %s", self.address, exc)
+            self._lost = True
+        finally:
+            if not self.framing.closed:
+                self.framing.close("BLE link failed")
+            self._changed.set()
+            log.debug("BLE link to %s closed: %s", self.address, self.framing.close_reason)
+            if self._disconnect is not None:
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(self._disconnect(), TEARDOWN_TIMEOUT)
+
+
+# ---- peripheral ---------------------------------------------------------------------------
+
+
+class PeripheralHandler(Protocol):
+    """What a ``Peripheral`` reports to Pigeon. ``peer`` names one connected central."""
+
+    def on_write(self, peer: str, value: bytes) -> None: ...
+
+    def on_disconnect(self, peer: str) -> None: ...
+
+
+class Peripheral(Protocol):
+    """The OS peripheral role, as small as Pigeon needs it.
+
+    ``start`` serves the GATT layout above and advertises ``SERVICE_UUID`` only (no name,
+    no manufacturer or service data: nothing that identifies the device over time).
+    """
+
+    async def start(self, handler: PeripheralHandler) -> None: ...
+
+    async def stop(self) -> None: ...
+
+    async def notify(self, peer: str, value: bytes) -> None:
+        """Notify TX to this one central (``value`` <= ``max_value_size(peer)``)."""
+        ...
+
+    def max_value_size(self, peer: str) -> int:
+        """ATT_MTU - 3 for this central's connection."""
+        ...
+
+    async def disconnect(self, peer: str) -> None: ...
+
+
+class BlePeripheralServer:
+    """Turns a ``Peripheral``'s writes into one ``BleLink`` per central for ``node``."""
+
+    def __init__(self, node: Node, peripheral: Peripheral, *, max_links: int = 6,
+                 **link_options: Any) -> None:
+        self.node = node
+        self.peripheral = peripheral
+        self.max_links = max_links
+        self._link_options = link_options
+        self.links: dict[str, BleLink] = {}
+
+    async def start(self) -> None:
+        await self.peripheral.start(self)
+
+    async def stop(self) -> None:
+        for link in list(self.links.values()):
+            link.close()
+        await self.peripheral.stop()
+
+    def on_write(self, peer: str, value: bytes) -> None:
+        link = self.links.get(peer)
+        if link is None or link.closed:
+            if link is None and len(self.links) >= self.max_links:
+                return  # ignored; the central's OPEN times out
+            link = self._open(peer)
+        link.feed(value)
+
+    def on_disconnect(self, peer: str) -> None:
+        link = self.links.pop(peer, None)
+        if link is not None:
+            link.lost()
+
+    def _open(self, peer: str) -> BleLink:
+        peripheral = self.peripheral
+        link = BleLink(
+            peer, initiator=False,
+            chunk_size=lambda: peripheral.max_value_size(peer),
+            send_fragment=lambda frag: peripheral.notify(peer, frag),
+            disconnect=lambda: peripheral.disconnect(peer),
+            **self._link_options)
+        self.links[peer] = link
+        link.start()
+        self.node.add_link(link, initiator=False)
+        return link
+
+
+# ---- central (bleak) ------------------------------------------------------------------------
+
+
+class BleCentral:
+    """Scans for Pigeon's service with bleak, connects, subscribes, runs a session.
+
+    ``scanner_backend`` / ``client_backend`` are passed to bleak as ``backend=`` (None:
+    the platform's own). ``run`` keeps looking for peers not yet linked, with backoff.
+    """
+
+    def __init__(self, node: Node, *, scanner_backend: Any = None, client_backend: Any = None,
+                 scan_timeout: float = 5.0, connect_timeout: float = 10.0, max_links: int = 6,
+                 backoff_initial_s: float = 0.5, backoff_max_s: float = 30.0,
+                 **link_options: Any) -> None:
+        self.node = node
+        self._scanner_kw: dict[str, Any] = {} if scanner_backend is None else {
+            "backend": scanner_backend}
+        self._client_kw: dict[str, Any] = {} if client_backend is None else {
+            "backend": client_backend}
+        self.scan_timeout = scan_timeout
+        self.connect_timeout = connect_timeout
+        self.max_links = max_links
+        self.backoff_initial_s = backoff_initial_s
+        self.backoff_max_s = backoff_max_s
+        self._link_options = link_options
+        self.links: dict[str, BleLink] = {}
+        self._stopping = False
+
+    def _wanted(self, device: Any, adv: Any) -> bool:
+        return (SERVICE_UUID in [u.lower() for u in adv.service_uuids]
+                and device.address not in self.links)
+
+    async def connect_once(self) -> BleLink | None:
+        """Find one unlinked Pigeon peripheral and start a session with it; None if none
+        was found within ``scan_timeout``. Raises on connection errors."""
+        from bleak import BleakClient, BleakScanner
+
+        if len(self.links) >= self.max_links:
+            return None
+        device = await BleakScanner.find_device_by_filter(
+            self._wanted, timeout=self.scan_timeout, service_uuids=[SERVICE_UUID],
+            **self._scanner_kw)
+        if device is None:
+            return None
+        holder: list[BleLink] = []
+
+        def disconnected(_client: BleakClient) -> None:
+            for link in holder:
+                link.lost()
+
+        client = BleakClient(device, disconnected_callback=disconnected,
+                             services=[SERVICE_UUID], timeout=self.connect_timeout,
+                             **self._client_kw)
+        await asyncio.wait_for(client.connect(), self.connect_timeout)
+        try:
+            rx = client.services.get_characteristic(RX_UUID)
+            tx = client.services.get_characteristic(TX_UUID)
+            if rx is None or tx is None:
+                raise ConnectionError("peer lacks Pigeon's GATT characteristics")
+            rx_char = rx
+
+            async def send(frag: bytes) -> None:
+                await client.write_gatt_char(rx_char, frag, response=False)
+
+            link = BleLink(device.address, initiator=True,
+                           chunk_size=lambda: rx_char.max_write_without_response_size,
+                           send_fragment=send, disconnect=client.disconnect,
+                           **self._link_options)
+            holder.append(link)
+            await asyncio.wait_for(
+                client.start_notify(tx, lambda _c, data: link.feed(bytes(data))),
+                self.connect_timeout)
+        except BaseException:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(client.disconnect(), TEARDOWN_TIMEOUT)
+            raise
+        if not client.is_connected:
+            raise ConnectionError("disconnected during set-up")
+        self.links[device.address] = link
+        link.start()  # subscribed: the peripheral's OPEN answer can reach us now
+        task = self.node.add_link(link, initiator=True)
+        finished = link.finished
+        assert finished is not None
+        finished.add_done_callback(lambda _t: self._forget(device.address, link))
+        if task is None:
+            link.close()
+        return link
+
+    def _forget(self, address: str, link: BleLink) -> None:
+        if self.links.get(address) is link:
+            del self.links[address]
+
+    async def run(self) -> None:
+        """Connect to every Pigeon peripheral in range until ``stop`` (which lets the current
+        scan end by itself: cancelling an OS scan mid-command is the riskier path)."""
+        backoff = self.backoff_initial_s
+        while not self._stopping:
+            try:
+                link = await self.connect_once()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.info("BLE connect failed: %s", exc)
+                link = None
+            if link is not None:
+                backoff = self.backoff_initial_s
+                continue
+            if self._stopping:
+                return
+            await asyncio.sleep(backoff * (0.5 + random.random()))
+            backoff = min(backoff * 2, self.backoff_max_s)
+
+    async def stop(self) -> None:
+        self._stopping = True
+        for link in list(self.links.values()):
+            link.close()
+        for link in list(self.links.values()):
+            if link.finished is not None:
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(asyncio.shield(link.finished), TEARDOWN_TIMEOUT)

@@ -34,15 +34,22 @@ test-soak: $(STAMP)
 	PIGEON_FLOOD_N=100000 $(BIN)/python -m pytest -q -p no:cacheprovider -s tests/test_flood.py
 
 lint: $(STAMP)
-	$(BIN)/ruff check mesh tui tests fuzz
+	$(BIN)/ruff check mesh tui tests fuzz bench
 
 types: $(STAMP)
 	$(BIN)/mypy
 
 check: lint types test
 
+# Every benchmark in bench/: JSON and PNG plots into docs/benchmarks/, then the summary
+# table in docs/benchmarks/README.md. Bench-only dependencies (matplotlib, rns, lxmf,
+# pyinstrument) come from the `bench` extra. Reticulum runs loopback-only (see bench/lxmf_peer.py).
+BENCHES := sync_cost relay_load sim_policies lxmf_compare
 bench: $(STAMP)
-	@echo "benchmarks land with the performance issue"
+	$(BIN)/pip install -q -e '.[test,bench]'
+	@failed=""; for b in $(BENCHES); do echo "== $$b"; $(BIN)/python -m bench.$$b || failed="$$failed $$b"; done; \
+		$(BIN)/python -m bench.summary; \
+		if [ -n "$$failed" ]; then echo "failed:$$failed"; exit 1; fi
 
 # Coverage-guided fuzzing of every decoder; FUZZ_RUNS inputs per target (atheris).
 FUZZ_RUNS ?= 1000000

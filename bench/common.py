@@ -63,6 +63,8 @@ def cli(name: str, run: Callable[[bool], dict[str, Any]],
     parser.add_argument("--tiny", action="store_true", help="smoke-test size")
     parser.add_argument("--out", type=Path, default=OUT, help=f"output directory (default {OUT})")
     args = parser.parse_args()
+    stale = args.out / f"{name}.json"
+    stale.unlink(missing_ok=True)  # a failed run must not leave the last run's figures behind
     started, before = time.perf_counter(), machine()
     data = run(args.tiny)
     data.setdefault("machine", before)

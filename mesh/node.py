@@ -519,14 +519,18 @@ class Node:
 
     def _on_acknowledged(self, runner: _LinkRunner, event: ItemsAcknowledged) -> None:
         now = self.clock()
-        for item_id in event.ids:
-            msg_id = item_id.hex()
-            if self.store.outbox_set_state(msg_id, api.STATE_RELAYED, now=now):
-                log.info("handed %s to %s", msg_id[:12], runner.peer_key)
-                self._publish(api.MessageStateChanged(id=msg_id, state=api.STATE_RELAYED))
-            elif runner.item_log_budget > 0:
-                runner.item_log_budget -= 1
-                log.info("forwarded %s to %s", short(item_id), runner.peer_key)
+        changed: list[str] = []
+        with self.store.batch():  # one commit per Ack frame, not one per id
+            for item_id in event.ids:
+                msg_id = item_id.hex()
+                if self.store.outbox_set_state(msg_id, api.STATE_RELAYED, now=now):
+                    changed.append(msg_id)
+                    log.info("handed %s to %s", msg_id[:12], runner.peer_key)
+                elif runner.item_log_budget > 0:
+                    runner.item_log_budget -= 1
+                    log.info("forwarded %s to %s", short(item_id), runner.peer_key)
+        for msg_id in changed:
+            self._publish(api.MessageStateChanged(id=msg_id, state=api.STATE_RELAYED))
 
     def _offer(self, ids: list[bytes]) -> None:
         for runner in self._runners:

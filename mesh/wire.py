@@ -38,7 +38,9 @@ MAX_RANGES_PER_FRAME = 4096
 MAX_REASON_LEN = 120
 ID_LEN = 16
 
-_PAD_BUCKETS = (64, 256, 1024, 4096, 16384, MAX_PLAINTEXT)
+#: Powers of two: an observer learns the size only to within a factor of two, and no frame
+#: pays more than double (the earlier 4x steps sent a 100-byte message as a 1 KiB record).
+_PAD_BUCKETS = (64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768, MAX_PLAINTEXT)
 _LEN = struct.Struct("!H")
 
 

@@ -96,6 +96,17 @@ def test_nodes_always_in_range_meet_once_and_never_part() -> None:
         ContactEvent(0.0, 0, 1, True)]
 
 
+def test_fixed_relays_join_without_changing_the_walkers() -> None:
+    walkers = WaypointSpec(nodes=6, area=(300.0, 300.0), range_m=25.0)
+    with_relays = WaypointSpec(nodes=6, area=(300.0, 300.0), range_m=25.0, relays=4)
+    plain = random_waypoint_contacts(walkers, duration=3600, rng=random.Random(2))
+    more = random_waypoint_contacts(with_relays, duration=3600, rng=random.Random(2))
+    assert [e for e in more if e.b < 6] == plain  # same people, same meetings
+    assert any(e.b >= 6 for e in more)
+    everyone = WaypointSpec(nodes=2, area=(10.0, 10.0), range_m=100.0, relays=2)
+    assert len(random_waypoint_contacts(everyone, duration=60, rng=random.Random(1))) == 6
+
+
 def test_message_generator_follows_the_one() -> None:
     spec = LoadSpec(interval=(10, 10), size=(50, 50), ttl_minutes=5, hosts=(0, 3))
     msgs = generate_messages(spec, nodes=5, duration=45, rng=random.Random(1))

@@ -71,6 +71,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="pause at each waypoint, seconds (default 0,120)")
     p.add_argument("--range", type=float, default=10.0, metavar="M", dest="range_m",
                    help="radio range in metres (default 10, The ONE's Bluetooth)")
+    p.add_argument("--relays", type=int, default=0, metavar="K",
+                   help="with --random-waypoint: add K fixed relays on a grid (hosts N..N+K-1); "
+                        "messages stay between the N walkers unless --msg-hosts says otherwise")
     p.add_argument("--duration", type=float, default=43_200.0, metavar="SECONDS",
                    help="simulated time (default 43200 = 12 h)")
     p.add_argument("--msg-interval", type=_pair(float), default=(25.0, 35.0), metavar="A,B",
@@ -118,13 +121,18 @@ def build_scenario(args: argparse.Namespace) -> Scenario:
         if highest >= nodes:
             raise UserError(f"the trace names host {highest} but --nodes is {nodes}")
     else:
-        nodes = args.nodes if args.nodes is not None else 126
-        spec = WaypointSpec(nodes=nodes, area=args.area, speed=args.speed, pause=args.pause,
-                            range_m=args.range_m)
+        walkers = args.nodes if args.nodes is not None else 126
+        spec = WaypointSpec(nodes=walkers, area=args.area, speed=args.speed, pause=args.pause,
+                            range_m=args.range_m, relays=args.relays)
         contacts = random_waypoint_contacts(spec, duration=args.duration,
                                             rng=random.Random(f"{args.seed}/mobility"))
+        nodes = walkers + args.relays
+    if args.relays and args.trace is not None:
+        raise UserError("--relays goes with --random-waypoint; in a trace, relays are hosts")
+    residents = (0, nodes - args.relays)
     load = LoadSpec(interval=args.msg_interval, size=args.msg_size, ttl_minutes=args.msg_ttl,
-                    hosts=args.msg_hosts, to_hosts=args.msg_to_hosts)
+                    hosts=args.msg_hosts or (residents if args.relays else None),
+                    to_hosts=args.msg_to_hosts or (residents if args.relays else None))
     messages = generate_messages(load, nodes=nodes, duration=args.duration,
                                  rng=random.Random(f"{args.seed}/load"))
     config = SimConfig(duration=args.duration, policy=args.policy, bandwidth=args.bandwidth,

@@ -13,7 +13,8 @@ than ignored, so a mistaken file never replays silently as an empty scenario.
 
 Random waypoint (The ONE's ``RandomWaypoint``): each node starts at a uniform point of a
 ``W x H`` area, walks straight to another uniform point at a speed uniform in
-``speed``, pauses for a time uniform in ``pause``, and repeats. Contacts are computed
+``speed``, pauses for a time uniform in ``pause``, and repeats; optional fixed relays stand
+at the centres of a grid over the area. Contacts are computed
 exactly, not by sampling: between two breakpoints both nodes move linearly, so their
 squared distance is a quadratic in time and the in-range interval is its root interval.
 That makes the contact list independent of a time step and cheap enough for 126 nodes
@@ -153,10 +154,16 @@ class WaypointSpec:
     speed: tuple[float, float] = (0.5, 1.5)
     pause: tuple[float, float] = (0.0, 120.0)
     range_m: float = 10.0
+    #: Fixed relays added after the walkers (hosts ``nodes .. nodes + relays - 1``), placed
+    #: at the centres of an even grid over the area. The walkers' paths do not depend on
+    #: it, so runs with 0, 2, 4... relays see the same people walking.
+    relays: int = 0
 
     def check(self) -> None:
-        if not 2 <= self.nodes <= MAX_HOST:
+        if not 2 <= self.nodes + self.relays <= MAX_HOST or self.nodes < 1:
             raise UserError(f"--nodes must be between 2 and {MAX_HOST}")
+        if self.relays < 0:
+            raise UserError("--relays cannot be negative")
         w, h = self.area
         if not (0 < w <= 1e7 and 0 < h <= 1e7):
             raise UserError("--area needs positive width and height (metres)")
@@ -190,6 +197,17 @@ def _path(spec: WaypointSpec, duration: float, rng: random.Random) -> list[_Segm
             segments.append((t, t + wait, x, y, 0.0, 0.0))
             t += wait
     return segments
+
+
+def _relay_paths(spec: WaypointSpec, duration: float) -> list[list[_Segment]]:
+    """Stationary relays at the centres of a ``cols x rows`` grid over the area."""
+    if not spec.relays:
+        return []
+    w, h = spec.area
+    cols = math.ceil(math.sqrt(spec.relays * w / h))
+    rows = math.ceil(spec.relays / cols)
+    return [[(0.0, duration, w * (i % cols + 0.5) / cols, h * (i // cols + 0.5) / rows, 0.0, 0.0)]
+            for i in range(spec.relays)]
 
 
 def _in_range(a: _Segment, b: _Segment, t0: float, t1: float, r2: float) -> tuple[float, float] | None:
@@ -241,11 +259,11 @@ def random_waypoint_contacts(
 ) -> list[ContactEvent]:
     """Contact events for ``spec`` over ``[0, duration]``, sorted by time then hosts."""
     spec.check()
-    paths = [_path(spec, duration, rng) for _ in range(spec.nodes)]
+    paths = [_path(spec, duration, rng) for _ in range(spec.nodes)] + _relay_paths(spec, duration)
     r2 = spec.range_m ** 2
     events: list[ContactEvent] = []
-    for a in range(spec.nodes):
-        for b in range(a + 1, spec.nodes):
+    for a in range(len(paths)):
+        for b in range(a + 1, len(paths)):
             for start, end in _pair_contacts(paths[a], paths[b], r2, duration):
                 events.append(ContactEvent(start, a, b, True))
                 if end < duration:

@@ -155,6 +155,7 @@ class Simulation:
         self.config = config
         rng = random.Random(f"{config.seed}/keys")
         self._rand: Callable[[int], bytes] = rng.randbytes
+        self._hop_rng = random.Random(f"{config.seed}/hops")
         self.nodes = [
             _Node(i, Identity.generate(f"node{i}", rng.randbytes), generate_keypair(rng.randbytes),
                   MemStore(quota_bytes=config.buffer, neighbour_share=config.neighbour_share))
@@ -424,8 +425,10 @@ class Simulation:
     def _on_message(self, m: MessageEvent) -> None:
         sender, recipient = self.nodes[m.sender], self.nodes[m.recipient]
         wall = self.wall
+        # Senders start a few hops low, as ``mesh.chat`` does, so a first copy looks relayed.
+        hops = self.config.hops - self._hop_rng.randrange(4)
         env, _secret = seal_direct(sender.identity, recipient.identity.public, "x" * m.size,
-                                   now=wall, ttl_s=m.ttl_s, hops=self.config.hops, rng=self._rand)
+                                   now=wall, ttl_s=m.ttl_s, hops=hops, rng=self._rand)
         self._messages[env.id] = _Message(m, env.id, env.size, self.now)
         self._destinations[env.id] = m.recipient
         sender.store.add_envelope(env, now=wall, origin=ORIGIN_SELF, local=True)

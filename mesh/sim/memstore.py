@@ -8,8 +8,8 @@ sync set (see ``mesh/store.py``'s docstring):
 * items are envelopes, receipts and tombstones keyed by id; ``sync_keys`` is every item,
   sorted by ``(ts, id)``;
 * ``add_envelope`` returns the same ``AddResult`` values in the same order of checks:
-  duplicate, expired, answered by a held receipt (a tombstone is stored), refused by
-  quota, stored;
+  duplicate, expired, answered by a held receipt (nothing is stored), refused by quota,
+  stored;
 * a receipt (id ``Receipt.id``) turns the envelopes whose ``receipt_hash`` equals its
   ``answers`` into tombstones, and a second receipt for the same ``answers`` is refused;
 * the quota counts non-local envelope bytes, in total and per origin (the neighbour it
@@ -110,11 +110,8 @@ class MemStore:
             return AddResult.DUPLICATE
         if env.ttl_left_s <= 0:
             return AddResult.EXPIRED
-        dedup = env.dedup_until()
         if env.receipt_hash in self._answered:
-            self._insert(SimItem(eid, KIND_TOMBSTONE, env.created_min, None, dedup,
-                                 env.hops_left, env.stamp_bits, local, 0, origin, None, dedup))
-            return AddResult.ANSWERED
+            return AddResult.ANSWERED  # nothing kept, not even a tombstone, as in the store
         bits = env.stamp_bits
         if not local:
             victims = self._plan_room(env.size, origin, (bits, env.created_min), now)
@@ -124,7 +121,7 @@ class MemStore:
                 self._delete(self._items[victim])  # eviction forgets the id, as the store does
         self._insert(SimItem(eid, KIND_ENVELOPE, env.created_min, env.to_bytes(),
                              now + env.ttl_left_s, env.hops_left, bits, local, env.size, origin,
-                             env.receipt_hash, dedup))
+                             env.receipt_hash, env.dedup_until()))
         return AddResult.STORED
 
     def delete_envelope(self, item_id: bytes, *, now: float) -> bool:

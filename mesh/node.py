@@ -41,6 +41,7 @@ from mesh.session import (
     TransferPlanned,
 )
 from mesh.store import AddResult, Store
+from mesh.store_app import Contact, InboxKind
 from mesh.transports.base import Link
 from mesh.transports.tcp import connect_tcp, listen_tcp
 
@@ -448,19 +449,39 @@ class Node:
             log.info("refused %s from %s: %s", short(env.id), runner.peer_key, result.name.lower())
         return False
 
+    def _sender_label(self, sender: PublicIdentity, claimed: str,
+                      published: list[api.NodeEvent]) -> tuple[str, Contact | None]:
+        """How a sender is shown (a contact's saved name, or a marked stranger label) and
+        the contact if it is one; warns when a stranger claims a contact's name."""
+        contact = self.store.contact_by_key(sender.sign_pub)
+        if contact is not None:
+            return contact.name, contact
+        label = chat.stranger_label(sender, claimed)
+        self._warn_if_impersonating(sender, claimed, label, published)
+        return label, None
+
+    def _to_inbox(self, env: Envelope, *, conversation: str, sender_key: bytes, sender: str,
+                  text: str, sent_at: float, now: float, kind: InboxKind, verified: bool,
+                  published: list[api.NodeEvent]) -> bool:
+        """Show a message to the user once (the inbox dedups by id) and announce it."""
+        if not self.store.inbox_add(
+            env.id.hex(), conversation=conversation, sender_key=sender_key, sender_name=sender,
+            text=text, sent_at=sent_at, received_at=now, kind=kind,
+        ):
+            return False
+        published.append(api.MessageReceived(message=api.to_dict(api.InboxMessage(
+            id=env.id.hex(), conversation=conversation, sender=sender, text=text,
+            sent_at=sent_at, received_at=now, kind=kind, verified_sender=verified,
+        ))))
+        return True
+
     def _accept_direct(self, env: Envelope, msg: sealing.DirectMessage, now: float,
                        new_ids: list[bytes], published: list[api.NodeEvent]) -> None:
-        contact = self.store.contact_by_key(msg.sender.sign_pub)
-        if contact is not None:
-            conversation = contact.name
-        else:
-            conversation = chat.stranger_label(msg.sender, msg.sender_name)
-            self._warn_if_impersonating(msg.sender, msg.sender_name, conversation, published)
-        added = self.store.inbox_add(
-            env.id.hex(), conversation=conversation, sender_key=msg.sender.sign_pub,
-            sender_name=conversation, text=msg.text, sent_at=msg.sent_at, received_at=now,
-            kind="direct",
-        )
+        label, contact = self._sender_label(msg.sender, msg.sender_name, published)
+        added = self._to_inbox(env, conversation=label, sender_key=msg.sender.sign_pub,
+                               sender=label, text=msg.text, sent_at=msg.sent_at, now=now,
+                               kind="direct", verified=bool(contact and contact.verified),
+                               published=published)
         # Keep only a tombstone of the envelope, and release the receipt (the antidote).
         # Stored as local so it never counts against (or evicts from) a relay quota.
         self.store.add_envelope(env, now=now, origin="self", local=True)
@@ -471,11 +492,6 @@ class Node:
             new_ids.append(receipt.id)
         if added:
             log.info("delivered to us %s", short(env.id))
-            published.append(api.MessageReceived(message=api.to_dict(api.InboxMessage(
-                id=env.id.hex(), conversation=conversation, sender=conversation, text=msg.text,
-                sent_at=msg.sent_at, received_at=now, kind="direct",
-                verified_sender=bool(contact and contact.verified),
-            ))))
 
     def _warn_if_impersonating(self, sender: PublicIdentity, claimed: str, label: str,
                                published: list[api.NodeEvent]) -> None:
@@ -495,26 +511,15 @@ class Node:
             msg = sealing.open_channel(channel, env)
             if msg is None:
                 continue
-            contact = self.store.contact_by_key(msg.sender.sign_pub)
-            if contact is not None:
-                sender = contact.name
-            else:
-                sender = chat.stranger_label(msg.sender, msg.sender_name)
-                self._warn_if_impersonating(msg.sender, msg.sender_name, sender, published)
-                if channel.name == chat.PUBLIC and self._public_rate_exceeded(
-                        msg.sender.sign_pub, now):
-                    log.info("public channel: rate limit for a stranger reached; not shown")
-                    return
-            if self.store.inbox_add(
-                env.id.hex(), conversation=f"#{channel.name}", sender_key=msg.sender.sign_pub,
-                sender_name=sender, text=msg.text, sent_at=msg.sent_at, received_at=now,
-                kind="channel",
-            ):
-                published.append(api.MessageReceived(message=api.to_dict(api.InboxMessage(
-                    id=env.id.hex(), conversation=f"#{channel.name}", sender=sender,
-                    text=msg.text, sent_at=msg.sent_at, received_at=now, kind="channel",
-                    verified_sender=bool(contact and contact.verified),
-                ))))
+            sender, contact = self._sender_label(msg.sender, msg.sender_name, published)
+            if (contact is None and channel.name == chat.PUBLIC
+                    and self._public_rate_exceeded(msg.sender.sign_pub, now)):
+                log.info("public channel: rate limit for a stranger reached; not shown")
+                return
+            self._to_inbox(env, conversation=chat.channel_conversation(channel.name),
+                           sender_key=msg.sender.sign_pub, sender=sender, text=msg.text,
+                           sent_at=msg.sent_at, now=now, kind="channel",
+                           verified=bool(contact and contact.verified), published=published)
             return
 
     def _on_acknowledged(self, runner: _LinkRunner, event: ItemsAcknowledged) -> None:

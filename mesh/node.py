@@ -411,7 +411,7 @@ class Node:
 
     def _take_receipt(self, runner: _LinkRunner, receipt: Receipt, now: float,
                       new_ids: list[bytes], published: list[api.NodeEvent]) -> bool:
-        is_new, purged = self.store.add_receipt(receipt, now=now)
+        is_new, purged = self.store.add_receipt(receipt, now=now, origin=runner.origin)
         if is_new:
             new_ids.append(receipt.id)
             if runner.item_log_budget > 0:

@@ -76,6 +76,9 @@ __all__ = [
 ]
 
 SCHEMA_VERSION = 1
+#: Receipts one neighbour may have us hold. Anyone can mint receipts for random secrets, so
+#: past this the oldest of that neighbour's receipts make room (a tenth at a time).
+RECEIPTS_PER_ORIGIN = 20_000
 #: Origin recorded for envelopes we created ourselves.
 ORIGIN_SELF = "self"
 #: Reserved ``quota_usage`` key for the total over all origins (no link key is ``*``).
@@ -104,6 +107,7 @@ CREATE INDEX items_evict_all ON items (stamp_bits, ts, id)
     WHERE kind = 'envelope' AND local = 0;
 CREATE INDEX items_evict_origin ON items (origin, stamp_bits, ts, id)
     WHERE kind = 'envelope' AND local = 0;
+CREATE INDEX items_receipt_origin ON items (origin, received_at) WHERE kind = 'receipt';
 
 CREATE TABLE quota_usage (
     origin TEXT PRIMARY KEY NOT NULL,
@@ -236,6 +240,10 @@ class Store(AppTablesMixin):
         self.neighbour_quota = int(quota_bytes * neighbour_share)
         self._depth = 0
         self._savepoints = 0
+        self.receipts_per_origin = RECEIPTS_PER_ORIGIN
+        #: Receipts held per origin; an upper estimate (a rollback or a sweep only makes it
+        #: high), recounted exactly before anything is evicted on its word.
+        self._receipt_counts: dict[str, int] = {}
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -258,6 +266,9 @@ class Store(AppTablesMixin):
             conn.execute("PRAGMA foreign_keys=ON")
             store = cls(conn, path, quota_bytes=quota_bytes, neighbour_share=neighbour_share)
             store._migrate()
+            conn.execute(  # files made before the index existed (same schema otherwise)
+                "CREATE INDEX IF NOT EXISTS items_receipt_origin ON items (origin, received_at) "
+                "WHERE kind = 'receipt'")
         except sqlite3.DatabaseError as exc:
             conn.close()
             raise UserError(f"cannot open the store at {path}: {exc}") from exc
@@ -471,11 +482,13 @@ class Store(AppTablesMixin):
 
     # ------------------------------------------------------------------ receipts
 
-    def add_receipt(self, receipt: Receipt, *, now: float) -> tuple[bool, list[bytes]]:
+    def add_receipt(self, receipt: Receipt, *, now: float,
+                    origin: str = "") -> tuple[bool, list[bytes]]:
         """Store a receipt and tombstone the envelopes it answers.
 
         Returns (whether the receipt was new, ids of the envelopes purged). The caller
-        has checked freshness; ``receipt.id`` is the hash the envelopes' headers carry.
+        has checked freshness. ``origin`` (a neighbour, as for envelopes) is held to
+        ``receipts_per_origin`` receipts; ours and unattributed ones are not capped.
         """
         rid, answers = receipt.id, receipt.answers
         with self._tx():
@@ -487,8 +500,10 @@ class Store(AppTablesMixin):
             keep = receipt.keep_until()
             self._insert_item(
                 rid, ItemKind.RECEIPT, receipt.issued_min, data, len(data), answers, keep, keep,
-                0, 0, "", False, now,
+                0, 0, origin, False, now,
             )
+            if origin not in ("", ORIGIN_SELF):
+                self._cap_receipts(origin, keep_id=rid)
             purged = [
                 cast(bytes, r[0]) for r in self._conn.execute(
                     "SELECT id FROM items WHERE receipt_hash = ? AND kind = 'envelope' "
@@ -498,6 +513,30 @@ class Store(AppTablesMixin):
             for item_id in purged:
                 self._tombstone(item_id, now)
             return True, purged
+
+    def _cap_receipts(self, origin: str, keep_id: bytes) -> None:
+        count = self._receipt_counts.get(origin)
+        if count is None:
+            count = self._count_receipts(origin) - 1
+        count += 1
+        if count > self.receipts_per_origin:
+            count = self._count_receipts(origin)
+            excess = count - self.receipts_per_origin
+            if excess > 0:
+                drop = excess + self.receipts_per_origin // 10
+                count -= self._conn.execute(
+                    "DELETE FROM items WHERE id IN (SELECT id FROM items "
+                    "INDEXED BY items_receipt_origin WHERE kind = 'receipt' AND origin = ? "
+                    "AND id != ? ORDER BY received_at LIMIT ?)", (origin, keep_id, drop),
+                ).rowcount
+        self._receipt_counts[origin] = count
+
+    def _count_receipts(self, origin: str) -> int:
+        row = self._conn.execute(
+            "SELECT COUNT(*) FROM items INDEXED BY items_receipt_origin "
+            "WHERE kind = 'receipt' AND origin = ?", (origin,),
+        ).fetchone()
+        return int(row[0])
 
     # ------------------------------------------------------------------ expiry & quota
 

@@ -598,3 +598,24 @@ def test_hundred_thousand_envelopes(tmp_path: Path) -> None:
     assert len(keys) == n and keys == sorted(keys)
     assert st.envelopes == n
     s.close()
+
+
+def test_receipts_from_one_neighbour_are_capped(tmp_path: Path) -> None:
+    """Receipts for random secrets cost nothing to mint: one neighbour may have us hold only
+    so many; the oldest of its own make room, others' receipts are untouched."""
+    s = Store.open(tmp_path / "s.db")
+    s.receipts_per_origin = 100
+    honest = Receipt(os.urandom(16), T0)
+    s.add_receipt(honest, now=NOW, origin="tcp:192.0.2.1")
+    flood = [Receipt(os.urandom(16), T0 + 1) for _ in range(500)]
+    for i, r in enumerate(flood):
+        assert s.add_receipt(r, now=NOW + i, origin="tcp:192.0.2.66")[0]
+    held = sum(1 for r in flood if s.has(r.id))
+    assert 0 < held <= 100
+    assert s.has(flood[-1].id) and not s.has(flood[0].id)  # the oldest went first
+    assert s.has(honest.id)
+    mine = [Receipt(os.urandom(16), T0) for _ in range(150)]
+    for r in mine:
+        s.add_receipt(r, now=NOW, origin="self")
+    assert all(s.has(r.id) for r in mine)  # our own receipts are never capped
+    s.close()

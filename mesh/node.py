@@ -574,6 +574,8 @@ class Node:
                                          hops=self.config.hops)
         self._offer([env.id])
         log.info("queued %s", msg_id[:12])
+        # Every window on this node learns of it, also when another process sent it.
+        self._publish(api.MessageStateChanged(id=msg_id, state=api.STATE_QUEUED))
         return msg_id
 
     def identity_info(self) -> dict[str, str]:

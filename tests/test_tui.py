@@ -434,3 +434,24 @@ async def test_a_node_that_cannot_start_is_explained_not_crashed() -> None:
                     in screen_text(app), what="the reason")
         await pilot.press("escape")
     assert app.return_code == 2
+
+
+async def test_a_message_sent_from_another_command_appears_in_the_open_window(
+        tmp_path: Path, clock: FixedClock) -> None:
+    """`pigeon send` while the window is open reaches the same node (control socket); the
+    window shows it without the user reopening the conversation."""
+    alice = make_node(tmp_path, "alice", Identity.generate("alice"), clock)
+    bob = make_node(tmp_path, "bob", Identity.generate("bob"), clock)
+    alice.add_contact("bob", code_of(bob))
+    app = app_for(alice)
+    try:
+        async with app.run_test(size=SIZE) as pilot:
+            await until(pilot, lambda: on_main(app), what="main screen")
+            assert app.main is not None and app.main.current == "bob"
+            alice.send("bob", "sent from the command line")  # as the control socket does
+            await until(pilot, lambda: row_state(app, "sent from the command line")
+                        == api.STATE_QUEUED, what="the row appears, queued")
+    finally:
+        for node in (alice, bob):
+            await node.stop()
+            node.store.close()

@@ -243,7 +243,13 @@ class MainScreen(Screen[None]):
         if isinstance(event, api.MessageReceived):
             self._message_received(api.from_dict(api.InboxMessage, event.message))
         elif isinstance(event, api.MessageStateChanged):
-            self.query_one(MessageView).set_state(str(event.id), str(event.state))
+            view = self.query_one(MessageView)
+            if event.state == api.STATE_QUEUED and view.state_of(str(event.id)) is None:
+                # Sent from elsewhere (`pigeon send` while this window is open): reload.
+                if self.current is not None:
+                    self.load_messages(self.current)
+                self.refresh_conversations()
+            view.set_state(str(event.id), str(event.state))
         elif isinstance(event, api.PeerChanged):
             peer = api.from_dict(api.PeerInfo, event.peer)
             if event.connected:

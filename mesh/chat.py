@@ -15,7 +15,7 @@ from typing import Any
 from mesh import api, sealing
 from mesh.envelope import DEFAULT_HOPS, DEFAULT_TTL_S, Envelope, receipt_hash
 from mesh.errors import UserError
-from mesh.identity import Identity, PublicIdentity, decode_contact
+from mesh.identity import Identity, PublicIdentity, decode_contact, encode_contact
 from mesh.store import Store
 
 PUBLIC = sealing.PUBLIC_CHANNEL.name
@@ -45,6 +45,13 @@ def _clean(name: str, what: str) -> str:
     if clean.startswith(("#", "~")):
         raise UserError(f"{what} names cannot start with '#' or '~'")
     return clean
+
+
+def identity_info(identity: Identity) -> dict[str, str]:
+    """What `pigeon id` shows and the control socket's ``id`` op returns."""
+    return {"node_id": identity.public.node_id.hex(), "name": identity.name,
+            "fingerprint": identity.public.fingerprint,
+            "contact": encode_contact(identity.public, identity.name)}
 
 
 def _contact_info(name: str, sign_pub: bytes, verified: bool) -> api.ContactInfo:
@@ -209,7 +216,7 @@ def conversations(store: Store) -> list[api.ConversationInfo]:
 
     def unread(conv: str) -> int:
         seen = float(store.meta_get(_READ_PREFIX + conv) or 0)
-        return sum(1 for r in store.inbox_list(conv) if r.received_at > seen)
+        return store.inbox_count(conv, since=seen)
 
     for ch in channel_keys(store):
         label = channel_conversation(ch.name)
@@ -218,9 +225,8 @@ def conversations(store: Store) -> list[api.ConversationInfo]:
     for c in store.contact_list():
         entries[c.name] = api.ConversationInfo(name=c.name, kind="contact", unread=unread(c.name),
                                                verified=c.verified)
-    for r in store.inbox_list():
-        if r.conversation not in entries:
-            entries[r.conversation] = api.ConversationInfo(
-                name=r.conversation, kind="stranger", unread=unread(r.conversation),
-                verified=False)
+    for conv in store.inbox_conversations():
+        if conv not in entries:
+            entries[conv] = api.ConversationInfo(name=conv, kind="stranger",
+                                                 unread=unread(conv), verified=False)
     return list(entries.values())

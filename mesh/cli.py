@@ -25,6 +25,7 @@ from typing import Any
 from mesh import control
 from mesh.chat import (
     add_contact,
+    identity_info,
     list_contacts,
     list_inbox,
     list_outbox,
@@ -33,7 +34,7 @@ from mesh.chat import (
     verify_contact,
 )
 from mesh.errors import UserError
-from mesh.identity import Identity, encode_contact, is_encrypted
+from mesh.identity import Identity, is_encrypted
 from mesh.node import Node, NodeConfig
 from mesh.profile import Profile, ProfileLock
 from mesh.store import Store
@@ -105,15 +106,6 @@ def _print(args: argparse.Namespace, data: Any, human: Callable[[Any], str]) -> 
             print(text)
 
 
-def _id_info(identity: Identity) -> dict[str, str]:
-    return {
-        "node_id": identity.public.node_id.hex(),
-        "name": identity.name,
-        "fingerprint": identity.public.fingerprint,
-        "contact": encode_contact(identity.public, identity.name),
-    }
-
-
 # ---- commands ---------------------------------------------------------------------------
 
 
@@ -124,7 +116,7 @@ def cmd_init(args: argparse.Namespace, profile: Profile) -> int:
     identity = Identity.generate(args.name)
     identity.save(profile.identity_path, _passphrase(args))
     Store.open(profile.store_path).close()
-    info = _id_info(identity)
+    info = identity_info(identity)
     _print(args, info, lambda d: (
         f"Created {d['name']} in {profile.home}\nfingerprint: {d['fingerprint']}\n"
         f"contact code (share it): {d['contact']}"))
@@ -133,7 +125,7 @@ def cmd_init(args: argparse.Namespace, profile: Profile) -> int:
 
 def cmd_id(args: argparse.Namespace, profile: Profile) -> int:
     if (profile.exists() and not is_encrypted(profile.identity_path)) or args.passphrase_env:
-        info = _id_info(_load_identity(profile, args))
+        info = identity_info(_load_identity(profile, args))
     elif control.reachable(profile.control_path):
         info = control.call(profile.control_path, "id")
     else:

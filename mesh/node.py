@@ -103,7 +103,6 @@ class _LinkRunner:
         #: share on every reconnect.
         host = link.address.rsplit(":", 1)[0] if ":" in link.address else link.address
         self.origin = f"{link.transport}:{host}"
-        self.closed_reason: str | None = None
 
     async def run(self) -> None:
         reader = asyncio.create_task(self._read_loop())
@@ -133,7 +132,6 @@ class _LinkRunner:
             if not data:
                 if not self.session.closed:
                     self.session.close("link lost")
-                    self.closed_reason = "link lost"
                 self.wake.set()
                 return
             self.session.receive_data(data, self.node.clock())
@@ -483,9 +481,7 @@ class Node:
                                kind="direct", verified=bool(contact and contact.verified),
                                published=published)
         # Keep only a tombstone of the envelope, and release the receipt (the antidote).
-        # Stored as local so it never counts against (or evicts from) a relay quota.
-        self.store.add_envelope(env, now=now, origin="self", local=True)
-        self.store.delete_envelope(env.id, now=now)
+        self.store.add_tombstone(env, now=now)
         receipt = Receipt(secret=msg.receipt_secret, issued_min=minutes(now))
         is_new, _ = self.store.add_receipt(receipt, now=now)
         if is_new:
@@ -502,9 +498,9 @@ class Node:
                                             fingerprint=sender.fingerprint))
 
     def _public_rate_exceeded(self, sender_key: bytes, now: float) -> bool:
-        recent = [r for r in self.store.inbox_list(chat.channel_conversation(chat.PUBLIC))
-                  if r.sender_key == sender_key and r.received_at > now - 3600]
-        return len(recent) >= chat.PUBLIC_RATE_PER_HOUR
+        recent = self.store.inbox_count(chat.channel_conversation(chat.PUBLIC),
+                                        since=now - 3600, sender_key=sender_key)
+        return recent >= chat.PUBLIC_RATE_PER_HOUR
 
     def _open_channels(self, env: Envelope, now: float, published: list[api.NodeEvent]) -> None:
         for channel in chat.channel_keys(self.store):
@@ -579,10 +575,7 @@ class Node:
         return msg_id
 
     def identity_info(self) -> dict[str, str]:
-        from mesh.identity import encode_contact
-        return {"node_id": self.identity.public.node_id.hex(), "name": self.identity.name,
-                "fingerprint": self.identity.public.fingerprint,
-                "contact": encode_contact(self.identity.public, self.identity.name)}
+        return chat.identity_info(self.identity)
 
     def add_contact(self, name: str, code: str) -> api.ContactInfo:
         return chat.add_contact(self.store, name, code, now=self.clock())

@@ -264,11 +264,6 @@ class LinkSession:
     def closed(self) -> bool:
         return self.state == State.CLOSED
 
-    @property
-    def busy(self) -> bool:
-        """True while a sync (not mere live push) is in progress, for progress displays."""
-        return self.state in (State.HANDSHAKE, State.RECONCILING, State.TRANSFERRING)
-
     # ---- inputs ------------------------------------------------------------------
 
     def receive_data(self, data: bytes, now: float) -> None:

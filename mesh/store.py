@@ -458,6 +458,18 @@ class Store(AppTablesMixin):
         with self._tx():
             return self._tombstone(item_id, now)
 
+    def add_tombstone(self, env: Envelope, *, now: float) -> bool:
+        """Remember an envelope's id without ever holding its bytes (we are its recipient
+        and have read it), until its dedup time. False if the id is already known."""
+        with self._tx():
+            if self._kind_of(env.id) is not None or env.dedup_until() <= now:
+                return False
+            self._insert_item(
+                env.id, ItemKind.TOMBSTONE, env.created_min, None, 0, None, env.dedup_until(),
+                env.dedup_until(), env.hops_left, env.stamp_bits, ORIGIN_SELF, True, now,
+            )
+            return True
+
     def _evict(self, item_id: bytes) -> None:
         """Quota eviction forgets the id entirely, unlike delivery or expiry.
 

@@ -238,6 +238,29 @@ class AppTablesMixin:
             )
             return cur.rowcount > 0
 
+    def inbox_count(self, conversation: str, *, since: float,
+                    sender_key: bytes | None = None) -> int:
+        """Messages in one conversation received after ``since`` (optionally from one
+        sender), counted in SQL: unread badges and rate limits need no message bodies."""
+        if sender_key is None:
+            row = self._conn.execute(
+                "SELECT COUNT(*) FROM inbox WHERE conversation = ? AND received_at > ?",
+                (conversation, since),
+            ).fetchone()
+        else:
+            row = self._conn.execute(
+                "SELECT COUNT(*) FROM inbox WHERE conversation = ? AND received_at > ? "
+                "AND sender_key = ?", (conversation, since, bytes(sender_key)),
+            ).fetchone()
+        return int(row[0])
+
+    def inbox_conversations(self) -> list[str]:
+        """Every conversation that has received messages, in order of first arrival."""
+        rows = self._conn.execute(
+            "SELECT conversation FROM inbox GROUP BY conversation ORDER BY MIN(received_at)"
+        )
+        return [str(r[0]) for r in rows]
+
     def inbox_list(self, conversation: str | None = None) -> list[InboxEntry]:
         """Received messages in the order they arrived here."""
         if conversation is None:

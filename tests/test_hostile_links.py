@@ -24,6 +24,13 @@ def make_node(tmp_path: Path, name: str, **config: object) -> Node:
                 NodeConfig(**config))  # type: ignore[arg-type]
 
 
+async def listening_target(tmp_path: Path, **config: object) -> tuple[Node, int]:
+    """A started node listening on a free loopback port: what every attack here aims at."""
+    target = make_node(tmp_path, "target", listen=[("127.0.0.1", 0)], **config)
+    await target.start()
+    return target, int(target.listening[0].rsplit(":", 1)[1])
+
+
 async def wait_until(pred: object, timeout: float = 15.0) -> None:
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
@@ -78,9 +85,7 @@ ATTACKS_ENCRYPTED = {
 async def test_attack_closes_only_its_link_and_honest_sync_goes_on(
         tmp_path: Path, caplog: pytest.LogCaptureFixture, name: str) -> None:
     caplog.set_level(logging.INFO, logger="pigeon")
-    target = make_node(tmp_path, "target", listen=[("127.0.0.1", 0)])
-    await target.start()
-    port = int(target.listening[0].rsplit(":", 1)[1])
+    target, port = await listening_target(tmp_path)
     honest = make_node(tmp_path, "honest", peers=[("127.0.0.1", port)])
     far = make_node(tmp_path, "far")
     honest.add_contact("far", encode_contact(far.identity.public, "far"))
@@ -116,10 +121,8 @@ async def test_attack_closes_only_its_link_and_honest_sync_goes_on(
 
 async def test_half_open_connections_are_timed_out(tmp_path: Path) -> None:
     from mesh.session import SessionConfig
-    target = make_node(tmp_path, "target", listen=[("127.0.0.1", 0)],
-                       session=SessionConfig(handshake_timeout=0.5))
-    await target.start()
-    port = int(target.listening[0].rsplit(":", 1)[1])
+    target, port = await listening_target(
+        tmp_path, session=SessionConfig(handshake_timeout=0.5))
     conns = [await asyncio.open_connection("127.0.0.1", port) for _ in range(5)]
     await wait_until(lambda: len(target._runners) == 5)
     await wait_until(lambda: len(target._runners) == 0, timeout=10)
@@ -129,9 +132,7 @@ async def test_half_open_connections_are_timed_out(tmp_path: Path) -> None:
 
 
 async def test_link_cap_refuses_extra_connections(tmp_path: Path) -> None:
-    target = make_node(tmp_path, "target", listen=[("127.0.0.1", 0)], max_links=3)
-    await target.start()
-    port = int(target.listening[0].rsplit(":", 1)[1])
+    target, port = await listening_target(tmp_path, max_links=3)
     conns = [await asyncio.open_connection("127.0.0.1", port) for _ in range(6)]
     await asyncio.sleep(0.3)
     assert len(target._runners) == 3
@@ -142,9 +143,7 @@ async def test_link_cap_refuses_extra_connections(tmp_path: Path) -> None:
 
 async def test_handshake_cap_refuses_the_ninth_half_open_link(tmp_path: Path) -> None:
     """Half-open handshakes are capped separately from established links."""
-    target = make_node(tmp_path, "target", listen=[("127.0.0.1", 0)], max_handshakes=8)
-    await target.start()
-    port = int(target.listening[0].rsplit(":", 1)[1])
+    target, port = await listening_target(tmp_path, max_handshakes=8)
     conns = [await asyncio.open_connection("127.0.0.1", port) for _ in range(12)]
     await asyncio.sleep(0.3)
     assert len(target._runners) == 8
@@ -157,10 +156,7 @@ async def test_frame_larger_than_announced_limit_closes_the_link(
         tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     from mesh.session import SessionConfig
     caplog.set_level(logging.INFO, logger="pigeon")
-    target = make_node(tmp_path, "target", listen=[("127.0.0.1", 0)],
-                       session=SessionConfig(max_frame=20_000))
-    await target.start()
-    port = int(target.listening[0].rsplit(":", 1)[1])
+    target, port = await listening_target(tmp_path, session=SessionConfig(max_frame=20_000))
     reader, writer, cs = await handshaken_attacker(port)
     oversized = wire.encode_frame(wire.Items(items=((1, bytes(30_000)),)))
     assert len(oversized) > 20_000

@@ -619,3 +619,14 @@ def test_receipts_from_one_neighbour_are_capped(tmp_path: Path) -> None:
         s.add_receipt(r, now=NOW, origin="self")
     assert all(s.has(r.id) for r in mine)  # our own receipts are never capped
     s.close()
+
+
+def test_add_tombstone_remembers_an_id_without_its_bytes(store: Store) -> None:
+    env = make_env()
+    assert store.add_tombstone(env, now=NOW)
+    item = store.get_item(env.id)
+    assert item is not None and item.kind == ItemKind.TOMBSTONE and item.data is None
+    assert (env.created_min, env.id) in store.sync_keys()
+    assert store.add_envelope(env, now=NOW, origin="p") is AddResult.DUPLICATE
+    assert not store.add_tombstone(env, now=NOW)
+    assert store.stats().quota_used == 0

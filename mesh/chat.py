@@ -104,6 +104,14 @@ def list_contacts(store: Store) -> list[api.ContactInfo]:
 def join_channel(store: Store, name: str | None = None, *, passphrase: str | None = None,
                  invite: str | None = None, now: float) -> api.ChannelInfo:
     """Join (or create: the same thing) a channel by passphrase or by invite code."""
+    return save_channel(store, channel_key_for(name, passphrase=passphrase, invite=invite),
+                        now=now)
+
+
+def channel_key_for(name: str | None = None, *, passphrase: str | None = None,
+                    invite: str | None = None) -> sealing.ChannelKey:
+    """The channel's key from an invite, or from name + passphrase (Argon2id: seconds of
+    work and hundreds of MB, so a running node calls this off its event loop)."""
     if invite:
         channel = sealing.channel_from_invite(invite)
         if name:
@@ -112,6 +120,10 @@ def join_channel(store: Store, name: str | None = None, *, passphrase: str | Non
         channel = sealing.channel_from_passphrase(_clean(name, "channel"), passphrase)
     else:
         raise UserError("join a channel with a name and a passphrase, or with an invite code")
+    return channel
+
+
+def save_channel(store: Store, channel: sealing.ChannelKey, *, now: float) -> api.ChannelInfo:
     if channel.name.lower() == PUBLIC:
         raise UserError("the public channel is always joined")
     store.channel_add(channel.name, channel.key, now=now)

@@ -79,7 +79,7 @@ class LocalClient:
 
     async def join_channel(self, name: str | None = None, *, passphrase: str | None = None,
                            invite: str | None = None) -> api.ChannelInfo:
-        return self.node.join_channel(name, passphrase=passphrase, invite=invite)
+        return await self.node.join_channel(name, passphrase=passphrase, invite=invite)
 
     async def conversations(self) -> list[api.ConversationInfo]:
         return self.node.conversations()

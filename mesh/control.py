@@ -194,11 +194,13 @@ def node_ops(node: Node) -> dict[str, Handler]:
         "contacts_verify": lambda r: node.verify_contact(_str(r, "name"),
                                                          bool(r.get("verified", True))),
         "channels": lambda _: dicts(node.channels()),
-        "channels_join": lambda r: api.to_dict(node.join_channel(
-            _opt(r, "name"), passphrase=_opt(r, "passphrase"), invite=_opt(r, "invite"))),
         "conversations": lambda _: dicts(node.conversations()),
         "messages": lambda r: dicts(node.messages(_str(r, "conversation"))),
         "mark_read": lambda r: node.mark_read(_str(r, "conversation")),
         "peers": lambda _: dicts(node.peers()),
     }
-    return {name: wrap(fn) for name, fn in table.items()}
+    async def channels_join(r: dict[str, Any]) -> Any:
+        return api.to_dict(await node.join_channel(
+            _opt(r, "name"), passphrase=_opt(r, "passphrase"), invite=_opt(r, "invite")))
+
+    return {**{name: wrap(fn) for name, fn in table.items()}, "channels_join": channels_join}

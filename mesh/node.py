@@ -589,10 +589,13 @@ class Node:
     def contacts(self) -> list[api.ContactInfo]:
         return chat.list_contacts(self.store)
 
-    def join_channel(self, name: str | None = None, *, passphrase: str | None = None,
-                     invite: str | None = None) -> api.ChannelInfo:
-        return chat.join_channel(self.store, name, passphrase=passphrase, invite=invite,
-                                 now=self.clock())
+    async def join_channel(self, name: str | None = None, *, passphrase: str | None = None,
+                           invite: str | None = None) -> api.ChannelInfo:
+        """Key derivation runs in a thread, so links keep flowing meanwhile; the store is
+        written here, on the loop that owns it."""
+        channel = await asyncio.to_thread(chat.channel_key_for, name, passphrase=passphrase,
+                                          invite=invite)
+        return chat.save_channel(self.store, channel, now=self.clock())
 
     def channels(self) -> list[api.ChannelInfo]:
         return chat.list_channels(self.store)

@@ -5,6 +5,10 @@
   store durable: SQLite WAL with ``synchronous=FULL``); LXMF goes direct (two processes,
   ``DIRECT`` delivery over one TCP interface). Messages/s counts from the first send to
   the last arrival; latency is arrival at B minus the send call at A (one clock).
+  Pigeon's send calls are pipelined on A's control socket (all made at once; each is
+  answered only once its message is on A's disk), as LXMF's ``handle_outbound`` calls are
+  made back to back; Pigeon with one call outstanding at a time is reported beside it
+  (``throughput_serial``).
 * Latency: 100 messages one at a time, each sent after the previous one arrived.
 * Bytes on the wire per message, receipt included: a loopback TCP relay counts both
   directions of one hop (Pigeon's A - R hop: envelope, ack, receipt, ack; LXMF's only hop:
@@ -276,8 +280,15 @@ class PigeonMesh:
         self.b = RemoteClient(Profile.resolve(self.homes["b"]).control_path)
 
     def _relay(self, name: str, port: int, peer: int | None) -> subprocess.Popen[bytes]:
-        profile_dir = os.environ.get("BENCH_PROFILE_DIR")  # cProfile each relay, for section 5
-        prefix = ["-m", "cProfile", "-o", f"{profile_dir}/relay-{name}.prof"] if profile_dir else []
+        # Profile each relay (issue section 5): BENCH_PROFILE_DIR=DIR writes one profile per
+        # relay there; BENCH_PROFILER=pyinstrument (a sampling profiler, low overhead, shows
+        # time spent waiting too) or cProfile (the default, deterministic).
+        profile_dir = os.environ.get("BENCH_PROFILE_DIR")
+        prefix: list[str] = []
+        if profile_dir and os.environ.get("BENCH_PROFILER") == "pyinstrument":
+            prefix = ["-m", "pyinstrument", "-r", "text", "-o", f"{profile_dir}/relay-{name}.txt"]
+        elif profile_dir:
+            prefix = ["-m", "cProfile", "-o", f"{profile_dir}/relay-{name}.prof"]
         args = [PY, *prefix, "-m", "mesh.cli", "--home", str(self.homes[name]), "relay",
                 "--no-lan", "--no-ble", "--listen", f"127.0.0.1:{port}"]
         if peer is not None:
@@ -326,6 +337,32 @@ async def _wait(cond: Any, timeout: float) -> bool:
     return True
 
 
+async def _burst(mesh: PigeonMesh, received: dict[int, float], first: int, count: int, *,
+                 pipelined: bool) -> dict[str, Any]:
+    """``count`` 100-byte messages A -> B; latency = arrival at B - the send call."""
+    sent: dict[int, float] = {}
+    target = len(received) + count  # every earlier message has arrived: a cheap test
+
+    async def send(i: int) -> None:
+        sent[i] = time.time()
+        await mesh.a.send("b", f"{i:08d}".ljust(100, "x"))
+
+    if pipelined:
+        await asyncio.gather(*(send(i) for i in range(first, first + count)))
+    else:
+        for i in range(first, first + count):
+            await send(i)
+    accepted = time.time()
+    await _wait(lambda: len(received) >= target, 120)
+    got = [i for i in sent if i in received]
+    lat = [received[i] - sent[i] for i in got]
+    span = max(received[i] for i in got) - min(sent.values()) if got else 0
+    return {"sent": count, "received": len(got), **latency_stats(lat),
+            "msgs_per_s": _r(len(got) / span if span else None),
+            "accepted_per_s": _r(count / (accepted - min(sent.values()))
+                                 if accepted > min(sent.values()) else None)}
+
+
 async def pigeon_jobs(mesh: PigeonMesh, tiny: bool) -> dict[str, Any]:
     burst, one_by_one, k = (3, 2, 1) if tiny else (1000, 100, 30)
     settle = SETTLE_TINY_S if tiny else SETTLE_S
@@ -341,24 +378,24 @@ async def pigeon_jobs(mesh: PigeonMesh, tiny: bool) -> dict[str, Any]:
     received.clear()
     out: dict[str, Any] = {}
     try:
-        sent: dict[int, float] = {}
-        for i in range(burst):
-            sent[i] = time.time()
-            await mesh.a.send("b", f"{i:08d}".ljust(100, "x"))
-        await _wait(lambda: len(received) >= burst, 120)
-        lat = [received[i] - sent[i] for i in received if i < burst]
-        span = max(received.values()) - min(sent.values()) if received else 0
-        out["throughput"] = {"sent": burst, "received": len(received), **latency_stats(lat),
-                             "msgs_per_s": _r(len(received) / span if span else None)}
+        # The burst: every send call made at once, pipelined on A's control socket (the
+        # API accepts a call before the previous one is answered; each answer still comes
+        # only after its message is on A's disk). LXMF's burst likewise calls
+        # handle_outbound back to back without waiting for anything.
+        out["throughput"] = await _burst(mesh, received, 0, burst, pipelined=True)
+        # The same with one call outstanding at a time (the caller awaits each answer):
+        # reported beside it, not judged.
+        out["throughput_serial"] = await _burst(mesh, received, burst, burst, pipelined=False)
+        first = 2 * burst
         seq_lat = []
-        for i in range(burst, burst + one_by_one):
+        for i in range(first, first + one_by_one):
             t = time.time()
             await mesh.a.send("b", f"{i:08d}".ljust(100, "x"))
             if not await _wait(lambda i=i: i in received, 30):
                 raise RuntimeError(f"pigeon message {i} not delivered in 30 s")
             seq_lat.append(received[i] - t)
         out["latency"] = {"received": len(seq_lat), **latency_stats(seq_lat)}
-        base = burst + one_by_one
+        base = first + one_by_one
         for size in (100, 1000):
             start = 0
             for j in range(k + 1):

@@ -19,7 +19,7 @@ with atheris.instrument_imports():
     from mesh.envelope import Envelope, Receipt
     from mesh.errors import RemoteProtocolError, UserError
     from mesh.noise import generate_keypair
-    from mesh.reconcile import Reconciler
+    from mesh.reconcile import Reconciler, decode_message, encode_message
     from mesh.session import LinkSession
 
 
@@ -88,13 +88,14 @@ def _session(data: bytes) -> None:
 
 
 def _reconcile(data: bytes) -> None:
+    """The reconcile byte layout straight from the input, then through the reconciler."""
     try:
-        frame = wire.decode_frame(data)
+        message = decode_message(data)
     except RemoteProtocolError:
         return
-    if isinstance(frame, wire.Reconcile):
-        with contextlib.suppress(RemoteProtocolError):
-            Reconciler(_RECONCILE_KEYS, max_message_bytes=4096).respond(frame.message)
+    assert encode_message(message) == data
+    with contextlib.suppress(RemoteProtocolError):
+        Reconciler(_RECONCILE_KEYS, max_message_bytes=4096).respond(message)
 
 
 _ME = identity.Identity.generate("fuzz")

@@ -10,12 +10,19 @@ from __future__ import annotations
 import secrets
 import sqlite3
 import time
+from dataclasses import dataclass
 from typing import Any
 
 from mesh import api, sealing
 from mesh.envelope import DEFAULT_HOPS, DEFAULT_TTL_S, Envelope, receipt_hash
 from mesh.errors import UserError
-from mesh.identity import Identity, PublicIdentity, decode_contact, encode_contact
+from mesh.identity import (
+    Identity,
+    PublicIdentity,
+    decode_contact,
+    encode_contact,
+    public_identity,
+)
 from mesh.store import Store
 
 PUBLIC = sealing.PUBLIC_CHANNEL.name
@@ -152,10 +159,26 @@ def _seal_kwargs(now: float, ttl_s: int, hops: int | None) -> dict[str, Any]:
     return kwargs
 
 
-def queue_message(store: Store, identity: Identity, conversation: str, text: str, *,
-                  now: float, ttl_s: int = DEFAULT_TTL_S, hops: int | None = None,
-                  ) -> tuple[str, Envelope]:
-    """Seal and store a message to a contact (``name``) or a channel (``#name``)."""
+@dataclass(frozen=True)
+class SealedMessage:
+    """A message sealed for sending but not stored yet (see ``store_sealed``)."""
+
+    msg_id: str
+    envelope: Envelope
+    label: str
+    text: str
+    receipt_hash: bytes | None
+    now: float
+
+
+def seal_message(store: Store, identity: Identity, conversation: str, text: str, *,
+                 now: float, ttl_s: int = DEFAULT_TTL_S, hops: int | None = None,
+                 ) -> SealedMessage:
+    """Seal a message to a contact (``name``) or a channel (``#name``); stores nothing.
+
+    Every ``UserError`` (unknown contact, empty or too long text) is raised here, so a
+    caller that stores many sealed messages in one transaction only fails on disk errors.
+    """
     if not text.strip():
         raise UserError("empty message")
     if conversation.startswith("#"):
@@ -170,18 +193,34 @@ def queue_message(store: Store, identity: Identity, conversation: str, text: str
         contact = store.contact_by_name(conversation)
         if contact is None:
             raise UserError(f"no contact named {conversation!r}; add one with 'pigeon contacts add'")
-        recipient = PublicIdentity.from_sign_pub(contact.sign_pub)
+        recipient = public_identity(contact.sign_pub)
         env, secret = sealing.seal_direct(identity, recipient, text,
                                           **_seal_kwargs(now, ttl_s, hops))
         rhash = receipt_hash(secret)
         label = contact.name
+    return SealedMessage(msg_id=env.id.hex(), envelope=env, label=label, text=text,
+                         receipt_hash=rhash, now=now)
+
+
+def store_sealed(store: Store, sealed: SealedMessage) -> None:
+    """Write a sealed message to the sync set and the outbox. Inside ``store.batch()`` it
+    commits with the batch; raises ``sqlite3.Error`` on disk trouble."""
+    store.add_envelope(sealed.envelope, now=sealed.now, origin="self", local=True)
+    store.outbox_add(sealed.msg_id, contact=sealed.label, text=sealed.text, now=sealed.now,
+                     receipt_hash=sealed.receipt_hash)
+
+
+def queue_message(store: Store, identity: Identity, conversation: str, text: str, *,
+                  now: float, ttl_s: int = DEFAULT_TTL_S, hops: int | None = None,
+                  ) -> tuple[str, Envelope]:
+    """Seal and store a message to a contact (``name``) or a channel (``#name``)."""
+    sealed = seal_message(store, identity, conversation, text, now=now, ttl_s=ttl_s, hops=hops)
     try:
         with store.batch():
-            store.add_envelope(env, now=now, origin="self", local=True)
-            store.outbox_add(env.id.hex(), contact=label, text=text, now=now, receipt_hash=rhash)
+            store_sealed(store, sealed)
     except sqlite3.Error as exc:
         raise UserError(f"could not save the message ({exc}); is the disk full?") from None
-    return env.id.hex(), env
+    return sealed.msg_id, sealed.envelope
 
 
 # ---- reading ----------------------------------------------------------------------------

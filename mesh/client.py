@@ -9,6 +9,7 @@ and never touches the store or a socket itself.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import json
 from collections.abc import AsyncIterator
@@ -112,34 +113,82 @@ class RemoteClient:
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self._lock = asyncio.Lock()
+        self._connecting: asyncio.Future[None] | None = None
         self._reader: asyncio.StreamReader | None = None
         self._writer: asyncio.StreamWriter | None = None
+        #: Replies owed on the current connection, oldest first (the relay answers in
+        #: request order, so calls may be pipelined: a burst of sends shares a commit).
+        self._waiting: collections.deque[asyncio.Future[bytes]] = collections.deque()
+        self._reply_task: asyncio.Task[None] | None = None
 
     async def _call(self, op: str, **args: Any) -> Any:
-        async with self._lock:
-            if self._writer is None:
-                self._reader, self._writer = await asyncio.open_unix_connection(
-                    str(self.path), limit=MAX_LINE * 16)
-            assert self._reader is not None
-            try:
-                self._writer.write(json.dumps({"op": op, **args}).encode() + b"\n")
-                await self._writer.drain()
-                line = await self._reader.readline()
-            except BaseException:
-                # Cancelled (a UI worker replaced) or failed mid-request: the reply may still
-                # come, so this connection is out of step. Drop it; the next call reconnects.
-                self._writer.close()
-                self._writer = None
-                raise
-        if not line:
-            self._writer = None
+        if self._writer is None:
+            # Calls made while connecting all wait for the one connection attempt and
+            # resume in the same loop turn (a lock would wake them one turn at a time).
+            if self._connecting is None or self._connecting.done():
+                self._connecting = asyncio.ensure_future(self._connect())
+            await asyncio.shield(self._connecting)
+        writer = self._writer
+        if writer is None:
             raise UserError("the relay closed the connection")
-        reply = json.loads(line)
-        if not reply.get("ok"):
-            error = KeyChangedError if reply.get("kind") == "KeyChangedError" else UserError
-            raise error(str(reply.get("error", "request failed")))
-        return reply.get("result")
+        reply: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+        # Queued and written with no await in between, so concurrent calls go out back to
+        # back in one burst (a lock here cost a loop turn per call) and the reply order
+        # matches. Even if this call is cancelled from here on, its reply is taken off the
+        # stream (and dropped), so the connection stays in step.
+        self._waiting.append(reply)
+        writer.write(json.dumps({"op": op, **args}).encode() + b"\n")
+        try:
+            await writer.drain()
+        except (ConnectionError, OSError):
+            self._disconnect()
+            raise UserError("the relay closed the connection") from None
+        line = await reply
+        reply_obj = json.loads(line)
+        if not reply_obj.get("ok"):
+            error = KeyChangedError if reply_obj.get("kind") == "KeyChangedError" else UserError
+            raise error(str(reply_obj.get("error", "request failed")))
+        return reply_obj.get("result")
+
+    async def _connect(self) -> None:
+        if self._writer is None:
+            self._reader, self._writer = await asyncio.open_unix_connection(
+                str(self.path), limit=MAX_LINE * 16)
+            self._reply_task = asyncio.ensure_future(
+                self._read_replies(self._reader, self._waiting))
+
+    async def _read_replies(self, reader: asyncio.StreamReader,
+                            waiting: collections.deque[asyncio.Future[bytes]]) -> None:
+        """Hand each reply line to the oldest waiting call; fail them all when the
+        connection ends."""
+        try:
+            while line := await reader.readline():
+                if waiting:
+                    future = waiting.popleft()
+                    if not future.done():
+                        future.set_result(line)
+        except (ConnectionError, OSError, ValueError, asyncio.LimitOverrunError):
+            pass
+        finally:
+            if self._reader is reader:
+                if self._writer is not None:
+                    with contextlib.suppress(Exception):
+                        self._writer.close()
+                self._writer = self._reader = None
+            while waiting:
+                future = waiting.popleft()
+                if not future.done():
+                    future.set_exception(UserError("the relay closed the connection"))
+
+    def _disconnect(self) -> None:
+        if self._writer is not None:
+            with contextlib.suppress(Exception):
+                self._writer.close()
+        if self._reply_task is not None:
+            self._reply_task.cancel()
+        self._writer = self._reader = None
+        self._waiting = collections.deque()
+        self._reply_task = None
 
     async def identity(self) -> dict[str, str]:
         result: dict[str, str] = await self._call("id")
@@ -203,7 +252,4 @@ class RemoteClient:
             writer.close()
 
     async def close(self) -> None:
-        if self._writer is not None:
-            with contextlib.suppress(Exception):
-                self._writer.close()
-            self._writer = None
+        self._disconnect()

@@ -28,6 +28,10 @@ if TYPE_CHECKING:
 log = logging.getLogger("pigeon.control")
 
 MAX_LINE = 1 << 20
+#: Requests one connection may have outstanding; reading pauses beyond it (backpressure).
+MAX_PIPELINED = 1024
+#: How long a closing connection waits for replies already being computed.
+REPLY_FLUSH_S = 5.0
 
 Handler = Callable[[dict[str, Any]], Awaitable[Any]]
 
@@ -66,15 +70,21 @@ class ControlServer:
             self.path.unlink()
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """Requests may be pipelined: each is dispatched as soon as it is read (so a burst
+        of sends shares one group commit) and the replies go back in request order, at
+        most ``MAX_PIPELINED`` outstanding per connection."""
         task = asyncio.current_task()
         if task is not None:
             self._clients.add(task)
+        replies: asyncio.Queue[asyncio.Future[dict[str, Any]] | None] = \
+            asyncio.Queue(MAX_PIPELINED)
+        replier = asyncio.ensure_future(_write_replies(writer, replies))
         try:
-            while True:
+            while not replier.done():
                 try:
                     line = await reader.readline()
                 except (ValueError, asyncio.LimitOverrunError):
-                    await _write(writer, {"ok": False, "error": "request too long"})
+                    await replies.put(_ready({"ok": False, "error": "request too long"}))
                     return
                 if not line:
                     return
@@ -83,15 +93,22 @@ class ControlServer:
                     if not isinstance(request, dict) or not isinstance(request.get("op"), str):
                         raise ValueError("not an object with an op")
                 except ValueError as exc:
-                    await _write(writer, {"ok": False, "error": f"bad request: {exc}"})
+                    await replies.put(_ready({"ok": False, "error": f"bad request: {exc}"}))
                     continue
                 if request["op"] == "subscribe":
+                    await replies.put(None)  # earlier replies first, then the event stream
+                    await replier
                     await self._stream_events(writer)
                     return
-                await _write(writer, await self._dispatch(request))
+                await replies.put(asyncio.ensure_future(self._dispatch(request)))
         except (ConnectionError, asyncio.CancelledError):
             pass
         finally:
+            if not replier.done():
+                with contextlib.suppress(asyncio.QueueFull):
+                    replies.put_nowait(None)  # flush what was answered, then stop
+                with contextlib.suppress(BaseException):
+                    await asyncio.wait_for(replier, REPLY_FLUSH_S)
             if task is not None:
                 self._clients.discard(task)
             with contextlib.suppress(Exception):
@@ -120,6 +137,19 @@ class ControlServer:
                 await _write(writer, api.to_dict(event))
         finally:
             self._unsubscribe(queue)
+
+
+def _ready(reply: dict[str, Any]) -> asyncio.Future[dict[str, Any]]:
+    future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+    future.set_result(reply)
+    return future
+
+
+async def _write_replies(writer: asyncio.StreamWriter,
+                         replies: asyncio.Queue[asyncio.Future[dict[str, Any]] | None]) -> None:
+    """Write each reply when it is ready, in request order, until a ``None``."""
+    while (pending := await replies.get()) is not None:
+        await _write(writer, await pending)
 
 
 async def _write(writer: asyncio.StreamWriter, obj: Any) -> None:
@@ -184,7 +214,6 @@ def node_ops(node: Node) -> dict[str, Handler]:
     table: dict[str, Callable[[dict[str, Any]], Any]] = {
         "id": lambda _: node.identity_info(),
         "status": lambda _: api.to_dict(node.status()),
-        "send": lambda r: node.send(_str(r, "to"), _str(r, "text")),
         "inbox": lambda _: dicts(node.inbox()),
         "outbox": lambda _: dicts(node.outbox()),
         "contacts": lambda _: dicts(node.contacts()),
@@ -203,4 +232,8 @@ def node_ops(node: Node) -> dict[str, Handler]:
         return api.to_dict(await node.join_channel(
             _opt(r, "name"), passphrase=_opt(r, "passphrase"), invite=_opt(r, "invite")))
 
-    return {**{name: wrap(fn) for name, fn in table.items()}, "channels_join": channels_join}
+    async def send(r: dict[str, Any]) -> Any:
+        return await node.send_grouped(_str(r, "to"), _str(r, "text"))
+
+    return {**{name: wrap(fn) for name, fn in table.items()}, "channels_join": channels_join,
+            "send": send}

@@ -39,6 +39,7 @@ from __future__ import annotations
 import base64
 import binascii
 import contextlib
+import functools
 import hashlib
 import hmac
 import os
@@ -172,6 +173,24 @@ class PublicIdentity:
             raise RemoteProtocolError("public key converts to a zero X25519 key")
         return cls(sign_pub=sign_pub, dh_pub=dh_pub, node_id=node_id(sign_pub),
                    fingerprint=fingerprint(sign_pub))
+
+
+#: Distinct keys whose derived identity is remembered. Checking a key (is it a canonical,
+#: prime-order point?) and converting it costs ~0.2 ms, paid per message sent and per
+#: message opened; the same few contacts come back again and again. Bounded, so keys a
+#: peer makes up can only evict entries, never grow memory.
+PUBLIC_IDENTITY_CACHE = 4096
+
+
+@functools.lru_cache(maxsize=PUBLIC_IDENTITY_CACHE)
+def _cached_public_identity(sign_pub: bytes) -> PublicIdentity:
+    return PublicIdentity.from_sign_pub(sign_pub)
+
+
+def public_identity(sign_pub: bytes) -> PublicIdentity:
+    """``PublicIdentity.from_sign_pub`` with a bounded cache (the result is immutable and a
+    pure function of the key; invalid keys raise every time and are not cached)."""
+    return _cached_public_identity(bytes(sign_pub))
 
 
 def safety_number(a: PublicIdentity, b: PublicIdentity) -> str:

@@ -13,62 +13,73 @@ prefix, so it is usually a few bytes. Every range has a mode:
 
 * ``SKIP``: nothing to say about this range.
 * ``FINGERPRINT``: BLAKE2b-128 of (sum of the ids as 128-bit little-endian integers mod 2**128,
-  16 bytes LE) || (count, 8 bytes LE) over the sender's keys in the range. The receiver
-  answers ``SKIP`` if its own fingerprint is equal; otherwise it sends detail: its ids if they
-  are few, else the range cut into sub-ranges of equal count on its side.
-* ``IDLIST``: the sender's *complete* ids in the range, in key order. The receiver resolves
-  the range (ids it lacks go to ``need``, its own ids missing from the list to ``have``). If
-  the range lies inside one the receiver itself listed in its previous message, it is the
-  answer to that list: nothing more to say. Otherwise the receiver answers so that the lister
-  learns the difference too: ``SKIP`` if equal, else the same range cut into pieces, ``SKIP``
-  where both agree and ``IDLIST`` (again its complete ids there) where they do not. Both sides
-  thus end with the whole difference, each from its own point of view.
+  16 bytes LE) || (count, 8 bytes LE) over the sender's keys in the range, and the count
+  itself. The receiver answers ``SKIP`` if its own fingerprint is equal. Otherwise, if the
+  sender's keys are a subset of its own that it can name from the fingerprint alone (its
+  oldest ``count`` keys there, its newest ``count``, or all but one), it answers ``DIFF``;
+  else it sends detail: its ids if they are few, its own fingerprint back if the sender has
+  exactly one key more (so the sender can run that test), else sub-ranges.
+* ``IDLIST``: the sender's *complete* ids in the range, in key order; an answer is due. The
+  receiver resolves the range and answers ``SKIP`` if the sets agree, else ``DIFF``.
+* ``DIFF``: the whole difference in the range, sent by a side that knows the receiver's keys
+  there: ``ids`` the sender holds and the receiver lacks, and ``missing``, the positions (in
+  key order, among the receiver's keys in the range) of the receiver's keys the sender
+  lacks. No answer is due: after it both sides know the range.
 
-Every message stays within ``max_message_bytes`` (as counted by ``encoded_size``) and
-``MAX_RANGES_PER_MESSAGE``: detail that does not fit shrinks, then becomes a plain fingerprint
-of the incoming range, and at worst one fingerprint covers everything from there to
-``INFINITY``; the next round carries on. ``respond`` returns ``None`` when it has nothing to
-say, which ends the exchange.
+Every message stays within ``max_message_bytes`` of ``encode_message`` output and
+``MAX_RANGES_PER_MESSAGE``: detail that does not fit shrinks, a ``DIFF`` is cut into a part
+that fits plus a fingerprint of the rest, else a plain fingerprint of the incoming range, and
+at worst one fingerprint covers everything from there to ``INFINITY``; the next round carries
+on. ``respond`` returns ``None`` when it has nothing to say, which ends the exchange.
 
 How much detail to send is policy, not protocol, and aims at few round trips first, then few
-bytes. The opening message has eight fingerprints over ranges that halve towards the newest
-keys; the share of fingerprints that differ estimates how dense the difference is, which sets
-how finely a range is cut (at least ``branching`` pieces); the range that ends at ``INFINITY``
-is cut finer towards the top and its newest keys are listed outright, because peers that were
-apart differ mostly in what is newest; and a peer that lacks exactly one key of a range is
-spotted from the fingerprint alone (one hash per key tried) and told that id at once.
+bytes. The opening message has up to six fingerprints over ranges that halve towards the
+newest keys, as many as fit a 128-byte padded frame; counts that differ and the share of
+fingerprints that differ estimate how dense the difference is, which sets how finely a range
+is cut (at least ``branching`` pieces); the range that ends at ``INFINITY`` is cut finer
+towards the top and its newest keys are listed outright, because peers that were apart differ
+mostly in what is newest.
+
+The byte layout (``encode_message``) is documented in ``docs/protocol.md`` section 7.
 """
 
 from __future__ import annotations
 
 import math
 import operator
-from bisect import bisect_left, bisect_right
+from bisect import bisect_left
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from enum import IntEnum
 from functools import partial
 from hashlib import blake2b
-from itertools import accumulate, islice, pairwise
+from itertools import accumulate, islice
 
 from mesh.errors import LocalProtocolError, RemoteProtocolError
 
 ID_LEN = 16
 MAX_TS = 2**32 - 2  # 2**32 - 1 belongs to INFINITY
-#: Hard limits shared with the codec: a message never has more ranges, a range never more ids.
+#: Hard limits shared with the codec: a message never has more ranges, a range never more
+#: ids (and a DIFF never more positions).
 MAX_RANGES_PER_MESSAGE = 4096
 MAX_IDS_PER_RANGE = 3000
 _MASK = (1 << 128) - 1
-_OPENING_RANGES = 8  # ~260 bytes: an in-sync check stays one small round trip
+_OPENING_RANGES = 6
+#: The opening's encoded size at most: with the frame header (4 bytes) and the length prefix
+#: (2) it is at most a 128-byte plaintext, one of the smallest padding classes.
+_OPENING_BYTES = 122
 #: Every fingerprint differing only bounds the density from below; aim this much higher, as a
 #: round trip lost to cutting too coarsely costs more than bytes (which the budget caps).
 _ALL_MISMATCHED_BOOST = 8.0
+#: The squared count gaps of five ranges fall below a third of their mean one time in ten.
+_GAP_BOOST = 3.0
 #: "Does the peer lack exactly one of our keys here?" costs a hash per key: tried on ranges of
 #: at most this many keys, and on at most ``_SINGLE_TEST_BUDGET`` keys per message.
 _MAX_SINGLE_TEST = 4096
 _SINGLE_TEST_BUDGET = 65536
 #: Kept free while writing: a skip range, then a fingerprint range, both ending at INFINITY.
-_RESERVE = (12 + ID_LEN) + (30 + ID_LEN)
+_RESERVE = 64
+_FP_COST = 22  # a typical fingerprint range: bound, mode, 16 bytes, count
 
 _KeyTuple = tuple[int, bytes]
 
@@ -79,6 +90,7 @@ class Mode(IntEnum):
     SKIP = 0
     FINGERPRINT = 1
     IDLIST = 2
+    DIFF = 3
 
 
 @dataclass(frozen=True)
@@ -100,8 +112,13 @@ class Range:
 
     upper: Bound
     mode: Mode
+    #: FINGERPRINT: the sender's fingerprint and key count in the range.
     fingerprint: bytes = b""
+    count: int = 0
+    #: IDLIST: the sender's complete ids; DIFF: the sender's ids the receiver lacks.
     ids: tuple[bytes, ...] = ()
+    #: DIFF: positions, in key order among the receiver's keys in the range, that the sender lacks.
+    missing: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -111,18 +128,166 @@ class ReconcileMessage:
     ranges: tuple[Range, ...]
 
 
-def _range_cost(upper: Bound, mode: Mode, n_ids: int = 0) -> int:
-    payload = 18 if mode == Mode.FINGERPRINT else 5 + 17 * n_ids if mode == Mode.IDLIST else 0
-    return 12 + len(upper.id_prefix) + payload
+# ---- byte layout -------------------------------------------------------------------------
 
 
-def _cost(ranges: Sequence[Range]) -> int:
-    return sum(_range_cost(r.upper, r.mode, len(r.ids)) for r in ranges)
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while value > 0x7F:
+        out.append(value & 0x7F | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def _varint_len(value: int) -> int:
+    return 1 if value < 0x80 else (value.bit_length() + 6) // 7
+
+
+def _gaps(positions: Sequence[int]) -> list[int]:
+    return [p - q - 1 for p, q in zip(positions, [-1, *positions], strict=False)]
+
+
+def _range_size(prev_ts: int, r: Range) -> int:
+    """Exact encoded size of ``r`` after a bound with time ``prev_ts``."""
+    if r.upper.ts == INFINITY.ts:
+        size = 2
+    else:
+        size = 1 + _varint_len(r.upper.ts - prev_ts + 1) + len(r.upper.id_prefix)
+    if r.mode == Mode.FINGERPRINT:
+        return size + ID_LEN + _varint_len(r.count)
+    if r.mode == Mode.SKIP:
+        return size
+    size += _varint_len(len(r.ids)) + ID_LEN * len(r.ids)
+    if r.mode == Mode.DIFF:
+        size += _varint_len(len(r.missing)) + sum(map(_varint_len, _gaps(r.missing)))
+    return size
+
+
+def encode_message(message: ReconcileMessage) -> bytes:
+    """The bytes of a reconcile message (the payload of a Reconcile frame).
+
+    Per range: ``varint(t)`` where ``t`` = 0 for INFINITY, else 1 + the bound's time minus
+    the previous bound's (0 before the first); one byte ``mode << 5 | len(prefix)``; the
+    prefix; then FINGERPRINT: 16 bytes and ``varint(count)``; IDLIST: ``varint(n)`` and ``n``
+    ids of 16 bytes; DIFF: the same, then ``varint(m)`` and ``m`` varints, each position minus
+    the previous one minus 1. Varints are unsigned LEB128, at most 5 bytes, shortest form.
+    """
+    out = bytearray()
+    prev_ts = 0
+    for r in message.ranges:
+        if r.upper.ts == INFINITY.ts:
+            out += b"\x00"
+            prefix = b""
+        else:
+            out += _varint(r.upper.ts - prev_ts + 1)
+            prev_ts, prefix = r.upper.ts, r.upper.id_prefix
+        out.append(int(r.mode) << 5 | len(prefix))
+        out += prefix
+        if r.mode == Mode.FINGERPRINT:
+            out += r.fingerprint
+            out += _varint(r.count)
+        elif r.mode in (Mode.IDLIST, Mode.DIFF):
+            out += _varint(len(r.ids))
+            out += b"".join(r.ids)
+            if r.mode == Mode.DIFF:
+                out += _varint(len(r.missing))
+                out += b"".join(map(_varint, _gaps(r.missing)))
+    return bytes(out)
 
 
 def encoded_size(message: ReconcileMessage) -> int:
-    """A conservative estimate of the msgpack size; budgets are enforced against it."""
-    return 5 + _cost(message.ranges)
+    """The exact length of ``encode_message(message)``; budgets are enforced against it."""
+    size, prev_ts = 0, 0
+    for r in message.ranges:
+        size += _range_size(prev_ts, r)
+        if r.upper.ts != INFINITY.ts:
+            prev_ts = r.upper.ts
+    return size
+
+
+class _Reader:
+    """Bounded reads from a peer's message; every failure is a ``RemoteProtocolError``."""
+
+    def __init__(self, data: bytes) -> None:
+        self.data, self.pos = data, 0
+
+    def take(self, n: int) -> bytes:
+        if n > len(self.data) - self.pos:
+            raise RemoteProtocolError("reconcile message truncated")
+        chunk = self.data[self.pos : self.pos + n]
+        self.pos += n
+        return chunk
+
+    def byte(self) -> int:
+        return self.take(1)[0]
+
+    def varint(self) -> int:
+        value = shift = 0
+        for i in range(5):
+            b = self.byte()
+            value |= (b & 0x7F) << shift
+            if not b & 0x80:
+                if b == 0 and i > 0:
+                    raise RemoteProtocolError("varint not in shortest form")
+                return value
+            shift += 7
+        raise RemoteProtocolError("varint too long")
+
+
+def decode_message(data: bytes) -> ReconcileMessage:
+    """Parse ``encode_message`` output from a peer; checks structure and hard limits only.
+
+    ``Reconciler.respond`` checks the rest (bounds increasing, ending at INFINITY, id budget).
+    Work and memory are linear in ``len(data)``.
+    """
+    reader = _Reader(data)
+    ranges: list[Range] = []
+    prev_ts = 0
+    while reader.pos < len(data):
+        if len(ranges) >= MAX_RANGES_PER_MESSAGE:
+            raise RemoteProtocolError("too many ranges")
+        t = reader.varint()
+        head = reader.byte()
+        mode_value, prefix_len = head >> 5, head & 0x1F
+        if mode_value > Mode.DIFF:
+            raise RemoteProtocolError("unknown range mode")
+        if prefix_len > ID_LEN:
+            raise RemoteProtocolError("bound id prefix too long")
+        if t == 0:
+            if prefix_len:
+                raise RemoteProtocolError("INFINITY carries a prefix")
+            upper = INFINITY
+        else:
+            prev_ts += t - 1
+            if prev_ts > MAX_TS:
+                raise RemoteProtocolError("bound time out of range")
+            upper = Bound(prev_ts, reader.take(prefix_len))
+        mode = Mode(mode_value)
+        if mode == Mode.SKIP:
+            ranges.append(Range(upper, mode))
+        elif mode == Mode.FINGERPRINT:
+            ranges.append(Range(upper, mode, fingerprint=reader.take(ID_LEN), count=reader.varint()))
+        else:
+            n = reader.varint()
+            if n > MAX_IDS_PER_RANGE:
+                raise RemoteProtocolError("too many ids")
+            blob = reader.take(ID_LEN * n)
+            ids = tuple(blob[i : i + ID_LEN] for i in range(0, len(blob), ID_LEN))
+            missing: list[int] = []
+            if mode == Mode.DIFF:
+                m = reader.varint()
+                if m > MAX_IDS_PER_RANGE:
+                    raise RemoteProtocolError("too many positions")
+                position = -1
+                for _ in range(m):
+                    position += 1 + reader.varint()
+                    missing.append(position)
+            ranges.append(Range(upper, mode, ids=ids, missing=tuple(missing)))
+    return ReconcileMessage(tuple(ranges))
+
+
+# ---- reconciliation ----------------------------------------------------------------------
 
 
 def _key(bound: Bound) -> _KeyTuple:
@@ -167,6 +332,21 @@ def _estimate_density(counts: dict[int, list[int]]) -> float:
     return math.exp(hi) * (_ALL_MISMATCHED_BOOST if all_mismatched else 1.0)
 
 
+def _gap_density(gaps: Sequence[tuple[int, int]]) -> float:
+    """Differences per key from the count gaps of mismatched ranges, if they are two-sided.
+
+    If every gap points the same way the difference is one-sided and each gap is the number
+    of differences in its range (``_plan`` uses it directly): returns 0. Otherwise differences
+    are taken as split between the sides at random, so a range with ``d`` of them has a gap
+    whose square is ``d`` on average, while the gap itself is mostly near 0. From a handful of
+    ranges (the opening) that sum is noisy, hence the boost.
+    """
+    if len({g > 0 for g, _ in gaps if g}) < 2 and all(g for g, _ in gaps):
+        return 0.0
+    keys = sum(m for _, m in gaps)
+    return _GAP_BOOST * sum(g * g for g, _ in gaps) / keys if keys else 0.0
+
+
 class _Kind(IntEnum):
     SKIP = 0  # nothing to say
     DETAIL = 1  # mismatched: cut it up or list it, once the whole message has been seen
@@ -181,9 +361,12 @@ class _Item:
     hi: int
     lower: Bound
     upper: Bound
+    peer_count: int = 0
     kind: _Kind = _Kind.SKIP
     ranges: list[Range] = field(default_factory=list)
-    fresh: bool = True  # id lists in ``ranges`` are new: the peer must answer them
+    #: When the peer's keys here are ours except these (indices into our keys), a DIFF that
+    #: does not fit can be cut at any of our keys.
+    extras: list[int] | None = None
 
 
 class Reconciler:
@@ -233,11 +416,11 @@ class Reconciler:
         self._budget = max_message_bytes
         self._branching = branching
         # A list always fits in half a message, leaving room for everything else.
-        self._list_max = max(1, min(idlist_threshold, MAX_IDS_PER_RANGE, (max_message_bytes // 2 - 64) // 17))
+        self._list_max = max(1, min(idlist_threshold, MAX_IDS_PER_RANGE, (max_message_bytes // 2 - 64) // 16))
         self._max_need = max_need
-        self._max_ids = min(2 * max_message_bytes // 17 + 16, 8 * MAX_RANGES_PER_MESSAGE)
-        self._listed: list[tuple[_KeyTuple, _KeyTuple]] = []  # fresh lists we sent last
+        self._max_ids = 2 * max_message_bytes // ID_LEN + 16
         self._tests_left = 0
+        self._density = 0.0  # differences per key, as estimated from the last message
         self._finished = False
         self.have: set[bytes] = set()
         self.need: set[bytes] = set()
@@ -248,16 +431,24 @@ class Reconciler:
         return self._finished
 
     def initiate(self) -> ReconcileMessage:
-        """The opening message: fingerprints over ranges halving towards the newest keys."""
-        self._listed, self._finished = [], False
+        """The opening: fingerprints over ranges halving towards the newest keys.
+
+        As many as fit ``_OPENING_BYTES`` (dropping the oldest cuts first), so that an
+        in-sync check is one small frame each way.
+        """
+        self._finished = False
         n = len(self._keys)
         cuts = sorted({n - (n >> j) for j in range(1, _OPENING_RANGES)} - {0, n})
-        ranges, start = [], 0
-        for cut in [*cuts, n]:
-            upper = _between(self._keys[cut - 1], self._keys[cut]) if cut < n else INFINITY
-            ranges.append(Range(upper, Mode.FINGERPRINT, self._fingerprint(start, cut)))
-            start = cut
-        return ReconcileMessage(tuple(ranges))
+        while True:
+            ranges, start = [], 0
+            for cut in [*cuts, n]:
+                upper = _between(self._keys[cut - 1], self._keys[cut]) if cut < n else INFINITY
+                ranges.append(self._fingerprint_range(upper, start, cut))
+                start = cut
+            message = ReconcileMessage(tuple(ranges))
+            if not cuts or encoded_size(message) <= _OPENING_BYTES:
+                return message
+            cuts.pop(0)
 
     def respond(self, message: ReconcileMessage) -> ReconcileMessage | None:
         """Process the peer's message; return our reply, or ``None`` if nothing is left to say.
@@ -267,23 +458,26 @@ class Reconciler:
         ranges = self._validate(message)
         items: list[_Item] = []
         counts: dict[int, list[int]] = {}
+        gaps: list[tuple[int, int]] = []  # (their count - ours, ours) where fingerprints differ
         self._tests_left = _SINGLE_TEST_BUDGET
         lo, lower = 0, _BOTTOM
         for r in ranges:
             item = _Item(lo, bisect_left(self._keys, _key(r.upper), lo), lower, r.upper)
             if r.mode == Mode.FINGERPRINT:
-                same = self._fingerprint(item.lo, item.hi) == r.fingerprint
+                same = r.count == item.hi - item.lo and self._fingerprint(item.lo, item.hi) == r.fingerprint
                 counts.setdefault(_bin(item.hi - item.lo), [0, 0])[0 if same else 1] += 1
                 if not same:
-                    self._on_mismatch(item, r.fingerprint)
+                    gaps.append((r.count - (item.hi - item.lo), item.hi - item.lo))
+                    self._on_mismatch(item, r)
             elif r.mode == Mode.IDLIST:
                 self._on_list(item, r.ids)
+            elif r.mode == Mode.DIFF:
+                self._on_diff(item, r)
             items.append(item)
             lo, lower = item.hi, r.upper
-        skips = 1 + sum(a.kind != b.kind == _Kind.SKIP for a, b in pairwise(items))
-        fixed = 14 * skips + sum(_cost(i.ranges) for i in items)
+        fixed = 8 * len(items) + sum(self._cost(i, i.ranges) for i in items)
         details = [i for i in items if i.kind == _Kind.DETAIL]
-        self._plan(details, _estimate_density(counts), fixed)
+        self._plan(details, max(_estimate_density(counts), _gap_density(gaps)), fixed)
         return self._write(items)
 
     # ---- reading -----------------------------------------------------------------------
@@ -292,6 +486,9 @@ class Reconciler:
         total = (self._sums[hi] - self._sums[lo]) & _MASK
         data = total.to_bytes(16, "little") + (hi - lo).to_bytes(8, "little")
         return blake2b(data, digest_size=16).digest()
+
+    def _fingerprint_range(self, upper: Bound, lo: int, hi: int) -> Range:
+        return Range(upper, Mode.FINGERPRINT, self._fingerprint(lo, hi), hi - lo)
 
     def _validate(self, message: ReconcileMessage) -> Sequence[Range]:
         """Check all that needs none of our keys, before any state changes."""
@@ -319,132 +516,145 @@ class Reconciler:
                 type(mode) not in (Mode, int)
                 or type(fingerprint) is not bytes
                 or type(ids) not in (tuple, list)
+                or type(r.count) is not int
+                or type(r.missing) not in (tuple, list)
             ):
                 raise RemoteProtocolError("malformed range")
-            if mode not in (Mode.SKIP, Mode.FINGERPRINT, Mode.IDLIST):
+            if mode not in (Mode.SKIP, Mode.FINGERPRINT, Mode.IDLIST, Mode.DIFF):
                 raise RemoteProtocolError("unknown range mode")
-            if (mode == Mode.FINGERPRINT) != bool(fingerprint) or (mode != Mode.IDLIST and ids):
+            if (
+                (mode == Mode.FINGERPRINT) != bool(fingerprint)
+                or (mode not in (Mode.IDLIST, Mode.DIFF) and ids)
+                or (mode != Mode.DIFF and r.missing)
+                or (mode != Mode.FINGERPRINT and r.count)
+            ):
                 raise RemoteProtocolError("range payload does not match its mode")
             if fingerprint and len(fingerprint) != 16:
                 raise RemoteProtocolError("fingerprint must be 16 bytes")
-            total_ids += len(ids)
-            if len(ids) > MAX_IDS_PER_RANGE or total_ids > self._max_ids:
+            if not 0 <= r.count < 2**35:
+                raise RemoteProtocolError("count out of range")
+            total_ids += len(ids) + len(r.missing)
+            if max(len(ids), len(r.missing)) > MAX_IDS_PER_RANGE or total_ids > self._max_ids:
                 raise RemoteProtocolError("too many ids")
             if not all(type(i) is bytes and len(i) == ID_LEN for i in ids):
                 raise RemoteProtocolError("ids must be 16 bytes")
+            if len(set(ids)) != len(ids):
+                raise RemoteProtocolError("duplicate id in range")
+            if not all(type(p) is int for p in r.missing) or not all(
+                p < q for p, q in zip([-1, *r.missing], r.missing, strict=False)
+            ):
+                raise RemoteProtocolError("positions must increase")
         if prev != _key(INFINITY):
             raise RemoteProtocolError("last range does not end at infinity")
         return ranges
 
-    def _resolve(self, lo: int, hi: int, ids: Sequence[bytes]) -> set[bytes]:
-        """Record the difference in a range from the peer's complete list (returned as a set)."""
-        theirs = set(ids)
-        if len(theirs) != len(ids):
-            raise RemoteProtocolError("duplicate id in list")
-        self.have.update(i for i in self._ids[lo:hi] if i not in theirs)
+    def _learn(self, ids: Sequence[bytes]) -> None:
+        """Add the peer's ids we lack to ``need``, within ``max_need``."""
         new = [i for i in ids if i not in self._id_set]
         if len(self.need) + len(new) > self._max_need:
             raise RemoteProtocolError("peer offers too many ids")
         self.need.update(new)
-        return theirs
 
     def _on_list(self, item: _Item, ids: Sequence[bytes]) -> None:
-        """Resolve the peer's list for ``item``; prepare our answer if one is due."""
-        theirs = self._resolve(item.lo, item.hi, ids)
-        j = bisect_right(self._listed, (_key(item.lower), (INFINITY.ts + 1, b""))) - 1
-        if j >= 0 and _key(item.upper) <= self._listed[j][1]:
-            return  # the answer to a list of ours: both sides know this range now
-        keys = self._keys[item.lo : item.hi]
-        common = [i for i, (_, x) in enumerate(keys) if x in theirs]
-        if len(common) == len(keys) == len(ids):
-            return
-        item.kind, item.fresh = _Kind.READY, False
-        if not keys:
-            item.ranges = [Range(item.upper, Mode.IDLIST)]
-            return
-        # Each of their extra ids lies between two common ids (by the order of their list),
-        # but we cannot see where: a piece boundary there could put it on the wrong side, so
-        # such a gap and the common ids at its ends are listed, never skipped.
-        position = {x: i for i, (_, x) in enumerate(keys)}
-        dirty = [x not in theirs for _, x in keys]
-        gap, last, gaps = 0, -1, set[int]()
-        for x in ids:
-            i = position.get(x)
-            if i is None:
-                gaps.add(gap)
-            elif i <= last:
+        """Resolve the peer's complete list for ``item`` and answer with the difference."""
+        lo, hi = item.lo, item.hi
+        position = {self._ids[j]: j for j in range(lo, hi)}
+        missing: list[int] = []
+        last = -1
+        for p, x in enumerate(ids):
+            j = position.get(x)
+            if j is None:
+                if x in self._id_set:
+                    raise RemoteProtocolError("listed id outside its range")
+                missing.append(p)
+            elif j <= last:
                 raise RemoteProtocolError("id list out of order")
             else:
-                last, gap = i, gap + 1
-        for g in gaps:
-            start = common[g - 1] if g > 0 else 0
-            end = common[g] if g < len(common) else len(keys) - 1
-            dirty[start : end + 1] = [True] * (end + 1 - start)
-        for i in range(1, len(keys) - 1):  # one agreeing id costs less listed than skipped
-            dirty[i] = dirty[i] or (dirty[i - 1] and dirty[i + 1])
-        start = 0
-        for i in range(1, len(keys) + 1):
-            if i < len(keys) and dirty[i] == dirty[start]:
-                continue
-            upper = _between(keys[i - 1], keys[i]) if i < len(keys) else item.upper
-            if not dirty[start]:
-                item.ranges.append(Range(upper, Mode.SKIP))
-            elif i - start > MAX_IDS_PER_RANGE:
-                break
-            else:
-                piece = tuple(self._ids[item.lo + start : item.lo + i])
-                item.ranges.append(Range(upper, Mode.IDLIST, ids=piece))
-            start = i
-        if start < len(keys) or _cost(item.ranges) > self._budget // 2:
-            item.kind, item.ranges, item.fresh = _Kind.DETAIL, [], True  # too big: cut it up
+                last = j
+        self._learn([ids[p] for p in missing])
+        theirs = set(ids)
+        extras = [j for j in range(lo, hi) if self._ids[j] not in theirs]
+        self.have.update(self._ids[j] for j in extras)
+        item.peer_count = len(ids)
+        if extras or missing:
+            item.kind = _Kind.READY
+            item.ranges = [self._diff(item.upper, extras, missing)]
+            item.extras = None if missing else extras
 
-    def _on_mismatch(self, item: _Item, fingerprint: bytes) -> None:
-        """A fingerprint differs; if the peer lacks exactly one of our keys, tell it which.
+    def _on_diff(self, item: _Item, r: Range) -> None:
+        """The peer knows the difference here and tells it: record it; nothing to answer."""
+        if r.missing and r.missing[-1] >= item.hi - item.lo:
+            raise RemoteProtocolError("position beyond our keys in the range")
+        self._learn(r.ids)
+        self.have.update(self._ids[item.lo + p] for p in r.missing)
 
-        Once ranges are small that is the commonest case, and the peer learns the id now
-        instead of after more rounds of cutting.
+    def _on_mismatch(self, item: _Item, r: Range) -> None:
+        """A fingerprint differs; if the peer's keys are a subset of ours we can name, say which
+        of ours it lacks (a DIFF), else leave the range for ``_plan``.
+
+        Tried: the peer holds our oldest ``count`` keys here (it lacks the newest: a phone that
+        was away), our newest ``count``, or all of ours but one (one hash per key tried). A
+        false match would take a 128-bit collision.
         """
-        item.kind = _Kind.DETAIL
-        lo, hi = item.lo, item.hi
-        if not 0 < hi - lo <= min(_MAX_SINGLE_TEST, self._tests_left):
+        item.kind, item.peer_count = _Kind.DETAIL, r.count
+        lo, hi, c = item.lo, item.hi, r.count
+        m = hi - lo
+        if c >= m:
             return
-        self._tests_left -= hi - lo
-        sums, total = self._sums, self._sums[hi] - self._sums[lo]
-        count = (hi - lo - 1).to_bytes(8, "little")
-        for j in range(lo, hi):
-            rest = ((total - sums[j + 1] + sums[j]) & _MASK).to_bytes(16, "little")
-            if blake2b(rest + count, digest_size=16).digest() == fingerprint:
-                break  # a false match would take a 128-bit collision
-        else:
+        extras: list[int] | None = None
+        if self._fingerprint(lo, lo + c) == r.fingerprint:
+            extras = list(range(lo + c, hi))
+        elif self._fingerprint(hi - c, hi) == r.fingerprint:
+            extras = list(range(lo, hi - c))
+        elif c == m - 1 and m <= min(_MAX_SINGLE_TEST, self._tests_left):
+            self._tests_left -= m
+            sums, total = self._sums, self._sums[hi] - self._sums[lo]
+            count = c.to_bytes(8, "little")
+            for j in range(lo, hi):
+                rest = ((total - sums[j + 1] + sums[j]) & _MASK).to_bytes(16, "little")
+                if blake2b(rest + count, digest_size=16).digest() == r.fingerprint:
+                    extras = [j]
+                    break
+        if extras is None:
             return
-        self.have.add(self._ids[j])
-        keys = self._keys
-        above = _between(keys[j], keys[j + 1]) if j + 1 < hi else item.upper
-        item.kind = _Kind.READY
-        item.ranges = [Range(above, Mode.IDLIST, ids=(self._ids[j],))]
-        if j > lo:
-            item.ranges.insert(0, Range(_between(keys[j - 1], keys[j]), Mode.SKIP))
-        if j + 1 < hi:
-            item.ranges.append(Range(item.upper, Mode.SKIP))
+        self.have.update(self._ids[j] for j in extras)
+        item.kind, item.extras = _Kind.READY, extras
+        item.ranges = [self._diff(item.upper, extras, [])]
+
+    def _diff(self, upper: Bound, extras: Sequence[int], missing: Sequence[int]) -> Range:
+        return Range(upper, Mode.DIFF, ids=tuple(self._ids[j] for j in extras), missing=tuple(missing))
 
     # ---- writing -----------------------------------------------------------------------
+
+    @staticmethod
+    def _cost(item: _Item, ranges: Sequence[Range]) -> int:
+        """Exact size of ``ranges`` written for ``item`` (the previous bound is ``item.lower``)."""
+        size, prev_ts = 0, item.lower.ts
+        for r in ranges:
+            size += _range_size(prev_ts, r)
+            if r.upper.ts != INFINITY.ts:
+                prev_ts = r.upper.ts
+        return size
 
     def _plan(self, items: list[_Item], density: float, fixed: int) -> None:
         """Choose the detail for each mismatched range so that the reply fits the budget.
 
-        Wanted: our ids for a range of at most ``idlist_threshold`` keys, else about two
-        pieces per expected difference (at least ``branching``). Over budget, lists and
-        pieces shrink together until it fits; bytes per difference are then lowest.
+        Per range, with ``m`` our keys and ``c`` the peer's: if the peer has exactly one key
+        more, our fingerprint back (the peer names the key, ``_on_mismatch``); our ids if
+        at most ``limit``; else about two pieces per expected difference (the count gap or
+        the density estimate, at least ``branching``). Over budget, lists and pieces shrink
+        together until it fits; bytes per difference are then lowest.
         """
+        self._density = density
         if not items:
             return
         wanted: list[int] = []
         for item in items:
-            count, k = item.hi - item.lo, self._branching
-            if density > 0 and count > 0:
-                expected = density * count / -math.expm1(-min(density * count, 700.0))
-                k = max(k, math.ceil(2 * expected))
-            wanted.append(min(k, count))
+            m = item.hi - item.lo
+            expected = max(abs(item.peer_count - m), 1.0)
+            if density > 0 and m > 0:
+                expected = max(expected, density * m / -math.expm1(-min(density * m, 700.0)))
+            wanted.append(min(max(self._branching, math.ceil(2 * expected)), m))
         limit, scale = self._list_max, 1.0
         for _ in range(40):
             total = fixed + sum(
@@ -456,23 +666,39 @@ class Reconciler:
         for item, k in zip(items, wanted, strict=True):
             item.ranges = self._detail(item, limit, max(2, int(k * scale)), tail=True)
 
+    def _echoes(self, item: _Item) -> bool:
+        """Send our fingerprint back: the peer has one key more, which it can then name, or
+        (in the range up to INFINITY) more keys, likely its newest, which its prefix test finds.
+        """
+        m = item.hi - item.lo
+        gap = item.peer_count - m
+        if m == 0 or gap < 1:
+            return False
+        return (gap == 1 and m < _MAX_SINGLE_TEST) or (item.upper == INFINITY and self._density * m < gap)
+
     def _estimate(self, item: _Item, limit: int, parts: int) -> int:
         """Roughly what ``_detail`` will cost, without building it."""
         count = item.hi - item.lo
+        if self._echoes(item):
+            return _FP_COST
         if count <= limit:
-            return 17 * (count + 1) + 4
+            return 16 * count + 8
         if item.upper == INFINITY:
             parts += 1 + (count // parts // limit).bit_length()
-        return 32 * parts
+            return _FP_COST * parts + 16 * limit
+        return _FP_COST * parts
 
     def _detail(self, item: _Item, limit: int, parts: int, *, tail: bool) -> list[Range]:
-        """Our ids in ``item`` if at most ``limit``, else ``parts`` equal-count sub-ranges.
+        """Our fingerprint back (``_echoes``), our ids if at most ``limit``, else ``parts``
+        equal-count sub-ranges.
 
         With ``tail``, the range that ends at INFINITY gets its newest ``limit`` keys listed,
         then sub-ranges of ``limit``, ``2*limit``, ``4*limit``... keys below them.
         """
         lo, hi = item.lo, item.hi
         count = hi - lo
+        if self._echoes(item):
+            return [self._fingerprint_range(item.upper, lo, hi)]
         if count <= limit:
             return [Range(item.upper, Mode.IDLIST, ids=tuple(self._ids[lo:hi]))]
         cuts: list[int] = []
@@ -492,59 +718,72 @@ class Reconciler:
             if cut - start <= 1 or (top < hi and cut == hi and cut - start <= limit):
                 ranges.append(Range(upper, Mode.IDLIST, ids=tuple(self._ids[start:cut])))
             else:
-                ranges.append(Range(upper, Mode.FINGERPRINT, self._fingerprint(start, cut)))
+                ranges.append(self._fingerprint_range(upper, start, cut))
             start = cut
         return ranges
 
     def _coarse(self, item: _Item, room: int) -> list[Range]:
         """The least detail that still makes progress: our ids if they fit, else two halves."""
-        return self._detail(item, min(self._list_max, max(0, room - 40) // 17), 2, tail=False)
+        return self._detail(item, min(self._list_max, max(0, room - 40) // 16), 2, tail=False)
+
+    def _partial_diff(self, item: _Item, room: int) -> list[Range]:
+        """A DIFF too big for ``room``: the part up to one of our keys that fits, then our
+        fingerprint of the rest (the peer holds a subset of ours there, so it sends detail)."""
+        assert item.extras is not None
+        fit = min(len(item.extras), MAX_IDS_PER_RANGE, max(0, room - 2 * _FP_COST) // ID_LEN)
+        if fit == 0:
+            return []
+        end = item.extras[fit - 1] + 1  # our keys below ``end`` are settled
+        if end >= item.hi:
+            return [self._diff(item.upper, item.extras[:fit], [])]
+        bound = _between(self._keys[end - 1], self._keys[end])
+        return [self._diff(bound, item.extras[:fit], []), self._fingerprint_range(item.upper, end, item.hi)]
 
     def _write(self, items: list[_Item]) -> ReconcileMessage | None:
-        """Assemble the reply within budget, merging skips; remember the lists we sent.
+        """Assemble the reply within budget, merging skips.
 
-        Detail that does not fit is cut coarser, else replaced by our fingerprint of that
-        range (the peer then cuts it up itself), else by one fingerprint from there to
-        INFINITY. The first detail always fits in some form, so every round makes progress.
+        Detail that does not fit is cut coarser (a DIFF: the part that fits), else replaced by
+        our fingerprint of that range (the peer then cuts it up itself), else by one
+        fingerprint from there to INFINITY. The first detail always fits in some form, so
+        every round makes progress.
         """
         out: list[Range] = []
-        listed: list[tuple[_KeyTuple, _KeyTuple]] = []
-        size, asks, position = 5, False, _BOTTOM
+        sizes: list[int] = []
+        size, asks = 0, False
 
-        def add(r: Range, fresh: bool = False) -> None:
-            nonlocal size, position
+        def add(r: Range) -> None:
+            nonlocal size
             if r.mode == Mode.SKIP and out and out[-1].mode == Mode.SKIP:
-                size -= _range_cost(out.pop().upper, Mode.SKIP)
-            elif r.mode == Mode.IDLIST and fresh:
-                listed.append((_key(position), _key(r.upper)))
+                out.pop()
+                size -= sizes.pop()
+            prev_ts = out[-1].upper.ts if out else 0
             out.append(r)
-            size += _range_cost(r.upper, r.mode, len(r.ids))
-            position = r.upper
+            sizes.append(_range_size(prev_ts, r))
+            size += sizes[-1]
 
         for item in items:
             room = self._budget - _RESERVE - size
             slots = MAX_RANGES_PER_MESSAGE - len(out) - 2
+            detail = item.ranges
             if item.kind == _Kind.SKIP:
                 add(Range(item.upper, Mode.SKIP))
-            elif _cost(item.ranges) <= room and len(item.ranges) <= slots:
-                for r in item.ranges:
-                    add(r, item.fresh)
-                asks = asks or item.fresh
-            elif (
-                item.kind == _Kind.DETAIL and slots >= 2 and _cost(coarse := self._coarse(item, room)) <= room
-            ):
-                for r in coarse:
-                    add(r, True)
-                asks = True
-            elif 30 + len(item.upper.id_prefix) <= room and slots >= 1:
-                add(Range(item.upper, Mode.FINGERPRINT, self._fingerprint(item.lo, item.hi)))
-                asks = True
+                continue
+            if (self._cost(item, detail) > room or len(detail) > slots) and slots >= 2:
+                if item.extras is not None:
+                    detail = self._partial_diff(item, room)
+                elif item.kind == _Kind.DETAIL or item.ranges[0].missing:
+                    detail = self._coarse(item, room)
+            if self._cost(item, detail) <= room and 0 < len(detail) <= slots:
+                pass
+            elif 24 + len(item.upper.id_prefix) <= room and slots >= 1:
+                detail = [self._fingerprint_range(item.upper, item.lo, item.hi)]
             else:
-                everything_after = self._fingerprint(item.lo, len(self._keys))
-                add(Range(INFINITY, Mode.FINGERPRINT, everything_after))
+                add(self._fingerprint_range(INFINITY, item.lo, len(self._keys)))
                 asks = True
                 break
-        self._listed = listed
+            for r in detail:
+                add(r)
+            asks = asks or any(r.mode in (Mode.FINGERPRINT, Mode.IDLIST) for r in detail)
         self._finished = not asks
         if not asks and all(r.mode == Mode.SKIP for r in out):
             return None

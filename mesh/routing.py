@@ -8,14 +8,29 @@ The default order follows DESIGN section 5: receipts first (they delete copies
 everywhere and are tiny), then envelopes by proof-of-work stamp (higher first), then
 newest first, because in a blackout the newest messages are the likeliest to still
 matter and the oldest are the likeliest to have been delivered by another path.
+
+No copy budget by default. Spray-and-wait's budget works because a holder whose copies
+are spent hands the message only to its destination; a Pigeon relay cannot tell whom a
+sealed envelope is for, so a spent copy must still be offered to every peer (only the
+recipient, by opening it, finds out), which trades stored copies for airtime and, with
+fewer carriers, loses delivery. The simulator measures it (``pigeon-budget`` in
+``mesh/sim/policies.py``; figures in ``docs/simulation.md`` and
+``docs/benchmarks/NOTES.md``). What limits a flood here is the hop limit, the lifetime,
+and receipts, which delete copies wherever they reach.
 """
 
 from __future__ import annotations
 
+import struct
 from dataclasses import dataclass
 from typing import Protocol
 
-from mesh.envelope import MAX_HOPS, Envelope
+from mesh.envelope import HEADER_LEN, MAX_HOPS, MUTABLE_LEN, Envelope
+
+#: ``ttl_s`` sits at offset 6 of the immutable header (``docs/protocol.md`` section 8.1).
+_TTL_S = struct.Struct("!I")
+#: ``hops_left`` u8 then ``ttl_left_s`` u32; the stamp after them is kept as stored.
+_HOPS_TTL = struct.Struct("!BI")
 
 KIND_ENVELOPE = "envelope"
 KIND_RECEIPT = "receipt"
@@ -75,11 +90,19 @@ class RoutingPolicy:
         return (1, -item.stamp_bits, -item.ts)
 
     def outgoing_envelope(self, item: ItemView, now: float) -> bytes:
-        """Rewrite the mutable header for this hop: remaining lifetime by our clock."""
-        assert item.data is not None
-        env = Envelope.from_bytes(item.data)
-        ttl_left = max(0, min(env.ttl_s, int(item.expires_at - now)))
-        return env.with_mutable(hops_left=min(item.hops_left, MAX_HOPS), ttl_left_s=ttl_left).to_bytes()
+        """Rewrite the mutable header for this hop: remaining lifetime by our clock.
+
+        Stored envelope bytes were checked when they arrived (or were sealed here), so the
+        five bytes of ``hops_left`` and ``ttl_left_s`` are patched in place rather than
+        parsing and re-encoding the whole envelope for every item sent on every link.
+        """
+        data = item.data
+        assert data is not None and len(data) >= HEADER_LEN + MUTABLE_LEN
+        (ttl_s,) = _TTL_S.unpack_from(data, 6)
+        ttl_left = max(0, min(ttl_s, int(item.expires_at - now)))
+        at = len(data) - MUTABLE_LEN
+        return b"".join((data[:at], _HOPS_TTL.pack(min(item.hops_left, MAX_HOPS), ttl_left),
+                         data[at + _HOPS_TTL.size:]))
 
     @staticmethod
     def hops_to_store(received: Envelope) -> int:

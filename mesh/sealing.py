@@ -90,6 +90,7 @@ from mesh.identity import (
     PublicIdentity,
     check_name,
     pack_code,
+    public_identity,
     unpack_code,
     verify,
 )
@@ -350,7 +351,7 @@ def _open_direct(me: Identity, envelope: Envelope) -> DirectMessage | None:
         return None
     if not hmac.compare_digest(receipt_hash(secret), envelope.receipt_hash):
         return None
-    sender = PublicIdentity.from_sign_pub(sign_pub)
+    sender = public_identity(sign_pub)
     if not hmac.compare_digest(sender.dh_pub, remote_static):
         return None
     name, text = _parse_variable(inner[_DIRECT_FIXED.size:], DIRECT_MAX_VAR)
@@ -417,7 +418,7 @@ def _open_channel(channel: ChannelKey, envelope: Envelope) -> ChannelMessage | N
         inner[_SIGNED_TAIL_AT:]
     if not verify(sign_pub, signed, sig):
         return None
-    sender = PublicIdentity.from_sign_pub(sign_pub)
+    sender = public_identity(sign_pub)
     name, text = _parse_variable(inner[_CHANNEL_FIXED.size:], CHANNEL_MAX_VAR)
     return ChannelMessage(channel=channel.name, sender=sender, sender_name=name, text=text,
                           sent_at=sent_ms / 1000)

@@ -612,7 +612,9 @@ class LinkSession:
             self._send_frame(wire.Ack(ids=tuple(ids), refused=tuple(refused)))
 
     def _maybe_idle(self) -> None:
-        if self._queued or self._in_flight or self._idle_sent:
+        # Idle only ends the sync (TRANSFERRING -> LIVE); once live, one after every pushed
+        # item would cost a padded record per message per direction for nothing.
+        if self._sync_done or self._queued or self._in_flight or self._idle_sent:
             return
         self._idle_sent = True
         self._send_frame(wire.Idle(wants_seen=self._wants_seen))

@@ -22,10 +22,12 @@ from typing import Any
 import msgpack
 
 from mesh.errors import RemoteProtocolError
-from mesh.reconcile import Bound, Mode, Range, ReconcileMessage
+from mesh.reconcile import ReconcileMessage, decode_message, encode_message
 
-PROTOCOL_VERSION = 1
-MIN_PROTOCOL_VERSION = 1
+#: 2: a Reconcile frame carries its ranges as one byte string (docs/protocol.md section 7.4),
+#: fingerprints carry counts, and a DIFF mode answers lists; version 1 peers cannot reconcile.
+PROTOCOL_VERSION = 2
+MIN_PROTOCOL_VERSION = 2
 MAGIC = b"PGN"
 
 #: Largest Noise message (the Noise limit); the plaintext inside loses a 16-byte tag.
@@ -38,9 +40,9 @@ MAX_RANGES_PER_FRAME = 4096
 MAX_REASON_LEN = 120
 ID_LEN = 16
 
-#: Powers of two: an observer learns the size only to within a factor of two, and no frame
-#: pays more than double (the earlier 4x steps sent a 100-byte message as a 1 KiB record).
-_PAD_BUCKETS = (64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768, MAX_PLAINTEXT)
+#: Smallest padded plaintext: every control frame (Ack of a few ids, Ping, Idle, a receipt)
+#: looks the same. Above it, Padmé (see ``padded_length``).
+MIN_PADDED = 64
 _LEN = struct.Struct("!H")
 
 
@@ -141,22 +143,11 @@ class Close:
 Frame = Hello | Reconcile | Want | Items | Ack | Plan | Idle | Ping | Pong | Close
 
 
-def _encode_range(r: Range) -> list[Any]:
-    payload: Any
-    if r.mode == Mode.FINGERPRINT:
-        payload = r.fingerprint
-    elif r.mode == Mode.IDLIST:
-        payload = list(r.ids)
-    else:
-        payload = None
-    return [r.upper.ts, r.upper.id_prefix, int(r.mode), payload]
-
-
 def _fields(frame: Frame) -> list[Any]:
     if isinstance(frame, Hello):
         return [FrameType.HELLO, frame.version, frame.max_frame, frame.features]
     if isinstance(frame, Reconcile):
-        return [FrameType.RECONCILE, [_encode_range(r) for r in frame.message.ranges]]
+        return [FrameType.RECONCILE, encode_message(frame.message)]
     if isinstance(frame, Want):
         return [FrameType.WANT, list(frame.ids)]
     if isinstance(frame, Items):
@@ -240,24 +231,6 @@ def _ids(value: Any, what: str) -> tuple[bytes, ...]:
     return tuple(_bytes(v, what, exact=ID_LEN) for v in _list(value, what, MAX_IDS_PER_FRAME))
 
 
-def _decode_range(value: Any) -> Range:
-    fields = _list(value, "range", 4)
-    if len(fields) != 4:
-        raise RemoteProtocolError("range has the wrong shape")
-    ts = _int(fields[0], 0, 0xFFFFFFFF, "range bound time")
-    prefix = _bytes(fields[1], "range bound id", max_len=ID_LEN)
-    mode_value = _int(fields[2], 0, 2, "range mode")
-    mode = Mode(mode_value)
-    bound = Bound(ts, prefix)
-    if mode == Mode.FINGERPRINT:
-        return Range(bound, mode, fingerprint=_bytes(fields[3], "fingerprint", exact=16))
-    if mode == Mode.IDLIST:
-        return Range(bound, mode, ids=_ids(fields[3], "range ids"))
-    if fields[3] is not None:
-        raise RemoteProtocolError("skip range carries a payload")
-    return Range(bound, mode)
-
-
 def _expect_len(fields: list[Any], n: int, name: str) -> None:
     if len(fields) != n:
         raise RemoteProtocolError(f"{name} frame has the wrong number of fields")
@@ -279,8 +252,7 @@ def decode_frame(data: bytes) -> Frame:
         )
     if ftype == FrameType.RECONCILE:
         _expect_len(fields, 2, "reconcile")
-        ranges = _list(fields[1], "ranges", MAX_RANGES_PER_FRAME)
-        return Reconcile(message=ReconcileMessage(tuple(_decode_range(r) for r in ranges)))
+        return Reconcile(message=decode_message(_bytes(fields[1], "reconcile message")))
     if ftype == FrameType.WANT:
         _expect_len(fields, 2, "want")
         return Want(ids=_ids(fields[1], "wanted ids"))
@@ -319,17 +291,35 @@ def decode_frame(data: bytes) -> Frame:
     raise RemoteProtocolError(f"unknown frame type {ftype}")
 
 
+def padded_length(length: int) -> int:
+    """The plaintext length a frame of ``length`` bytes (prefix included) is padded to.
+
+    At least ``MIN_PADDED``; above it Padmé (Nikitin et al., "Reducing metadata leakage
+    from encrypted files and communication with PURBs", PETS 2019): keep the top
+    ``floor(log2 E) + 1`` bits of the length, ``E = floor(log2 length)``, and round the
+    rest up. A length then reveals O(log log L) bits and costs at most ~12 % padding
+    (the earlier powers of two cost up to 100 %: a 100-byte message went out as a 512-byte
+    record). Envelopes are already padded to size classes by ``mesh.sealing``; this layer
+    only has to blur how many items, acks or ranges a frame holds.
+    """
+    if length <= MIN_PADDED:
+        return MIN_PADDED
+    exponent = length.bit_length() - 1
+    low_bits = exponent - exponent.bit_length()  # E - (floor(log2 E) + 1)
+    mask = (1 << low_bits) - 1
+    return min((length + mask) & ~mask, MAX_PLAINTEXT)
+
+
 def pad_plaintext(frame_bytes: bytes) -> bytes:
-    """Length-prefix a frame and pad it with zeros to the next size bucket.
+    """Length-prefix a frame and pad it with zeros to ``padded_length``.
 
     Padding hides the exact size of acks, wants and short messages from anyone watching
-    the radio; the buckets are few so the overhead on bulk transfer stays small.
+    the radio; receivers accept any amount of zero padding (docs/protocol.md section 4.4).
     """
     body = _LEN.pack(len(frame_bytes)) + frame_bytes
-    for bucket in _PAD_BUCKETS:
-        if len(body) <= bucket:
-            return body + bytes(bucket - len(body))
-    raise ValueError("frame larger than the largest plaintext")
+    if len(body) > MAX_PLAINTEXT:
+        raise ValueError("frame larger than the largest plaintext")
+    return body + bytes(padded_length(len(body)) - len(body))
 
 
 def unpad_plaintext(plaintext: bytes) -> bytes:

@@ -39,7 +39,7 @@ def test_pre_auth_bytes_carry_no_static_identifier() -> None:
     key = generate_keypair()
     firsts = [LinkSession(initiator=True, static=key, source=MemorySource(), now=NOW)
               .data_to_send(NOW) for _ in range(3)]
-    assert all(f[2:6] == wire.MAGIC + b"\x01" for f in firsts)
+    assert all(f[2:6] == wire.MAGIC + bytes([wire.PROTOCOL_VERSION]) for f in firsts)
     assert len({f[6:] for f in firsts}) == 3
     assert all(key.public not in f for f in firsts)
     # The responder's reply carries its static key only encrypted.

@@ -51,7 +51,7 @@ async def handshaken_attacker(port: int) -> tuple[asyncio.StreamReader, asyncio.
     writer.write(record(preamble + hs.write_message(b"")))
     length = int.from_bytes(await reader.readexactly(2), "big")
     hs.read_message(await reader.readexactly(length))
-    hello = wire.encode_frame(wire.Hello(version=1, max_frame=wire.MAX_FRAME, features=0))
+    hello = wire.encode_frame(wire.Hello(version=wire.PROTOCOL_VERSION, max_frame=wire.MAX_FRAME, features=0))
     writer.write(record(hs.write_message(hello)))
     await writer.drain()
     send_cs, _ = hs.split()
@@ -67,8 +67,8 @@ ATTACKS_RAW = {
     "http request": b"GET / HTTP/1.1\r\nHost: x\r\n\r\n",
     "zero length record": b"\x00\x00",
     "old version": record(wire.MAGIC + b"\x00" + bytes(32)),
-    "low-order ephemeral": record(wire.MAGIC + b"\x01" + bytes(32)),
-    "truncated handshake": record(wire.MAGIC + b"\x01" + b"\x09" * 10),
+    "low-order ephemeral": record(wire.MAGIC + bytes([wire.PROTOCOL_VERSION]) + bytes(32)),
+    "truncated handshake": record(wire.MAGIC + bytes([wire.PROTOCOL_VERSION]) + b"\x09" * 10),
 }
 
 ATTACKS_ENCRYPTED = {

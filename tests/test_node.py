@@ -183,3 +183,38 @@ async def test_random_contact_schedule_over_30_nodes_delivers_everything(
         assert inbox_texts(nodes[dst]).count(f"message {k}") == 1
     for node in nodes:
         await node.stop()
+
+
+async def test_pipelined_sends_share_one_commit_and_answer_in_order(tmp_path: Path) -> None:
+    """A burst of send calls on one control connection is stored with one COMMIT (one
+    fsync), every call is answered with its own id in request order, and each message is
+    on disk and queued when its answer arrives."""
+    from mesh.client import RemoteClient
+    from mesh.control import ControlServer, node_ops
+
+    clock = Clock()
+    a, b = make_node(tmp_path, "alice", clock), make_node(tmp_path, "bob", clock)
+    befriend(a, b)
+    commits: list[str] = []
+    a.store._conn.set_trace_callback(
+        lambda sql: commits.append(sql) if sql.strip().upper() == "COMMIT" else None)
+    sock = tmp_path / "control.sock"
+    server = ControlServer(sock, node_ops(a), a.subscribe, a.unsubscribe)
+    await server.start()
+    client = RemoteClient(sock)
+    try:
+        texts = [f"message {i}" for i in range(50)]
+        ids = await asyncio.gather(*(client.send("bob", t) for t in texts))
+        assert len(commits) == 1
+        assert len(set(ids)) == 50
+        by_id = {m.id: m for m in a.outbox()}
+        assert [by_id[i].text for i in ids] == texts  # each answer belongs to its request
+        assert all(by_id[i].state == api.STATE_QUEUED for i in ids)
+        with pytest.raises(Exception, match="no contact"):
+            await client.send("nobody", "hi")
+        assert await client.send("bob", "after an error") not in ids  # still in step
+    finally:
+        await client.close()
+        await server.stop()
+        a.store.close()
+        b.store.close()

@@ -121,6 +121,25 @@ def test_live_push_after_sync() -> None:
     assert any(isinstance(e, ItemsAcknowledged) and new_id in e.ids for e in eb)
 
 
+def test_live_push_costs_one_record_each_way() -> None:
+    """Once live, a pushed envelope is one record and its Ack one record: no Idle frames
+    (they only end the initial sync) after every item."""
+    sa, sb = MemorySource(), MemorySource()
+    a, b = session_pair(sa, sb, NOW)
+    drive(a, b, sa, sb, NOW)
+    assert a.state == b.state == State.LIVE
+    for n in range(3):
+        [new_id] = fill(sb, [100 + n])
+        b.offer([new_id])
+        sent_b, sent_a = b.bytes_sent, a.bytes_sent
+        drive(a, b, sa, sb, NOW + 1 + n)
+        envelope_record = 2 + wire.padded_length(
+            2 + len(wire.encode_frame(wire.Items(items=((wire.ItemKind.ENVELOPE,
+                                                         sb.get_item(new_id).data),))))) + 16
+        assert b.bytes_sent - sent_b == envelope_record
+        assert a.bytes_sent - sent_a == 2 + 64 + 16  # the Ack
+
+
 def test_offer_during_reconciliation_is_not_lost() -> None:
     sa, sb = MemorySource(), MemorySource()
     fill(sa, range(100))
@@ -216,7 +235,7 @@ def test_preamble_is_bound_into_the_handshake() -> None:
     sa, sb = MemorySource(), MemorySource()
     a, b = session_pair(sa, sb, NOW)
     first = bytearray(a.data_to_send(NOW))
-    first[2 + 3] = 2  # claim version 2
+    first[2 + 3] = wire.PROTOCOL_VERSION + 1  # claim another version
     b.receive_data(bytes(first), NOW)
     assert b.closed
 
@@ -360,7 +379,7 @@ def test_records_after_msg3_in_the_same_read_are_accepted() -> None:
     b.receive_data(a.data_to_send(NOW), NOW)
     a.receive_data(b.data_to_send(NOW), NOW)
     # A 1 KiB record right behind msg3 (a Want, out of place: the session says so).
-    a._send_frame(wire.Want(ids=tuple(bytes([i]) * 16 for i in range(40))))
+    a._send_frame(wire.Want(ids=tuple(bytes([i]) * 16 for i in range(60))))
     data = a.data_to_send(NOW)
     assert len(data) > 1000
     b.receive_data(data, NOW)

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from mesh.cli import main
-from mesh.envelope import Receipt
+from mesh.envelope import MAX_HOPS, NO_STAMP, Envelope, Receipt
+from mesh.routing import RoutingPolicy
 from mesh.sim.contacts import (
     ContactEvent,
     TraceError,
@@ -22,7 +23,7 @@ from mesh.sim.contacts import (
 )
 from mesh.sim.engine import SimConfig, Simulation
 from mesh.sim.load import LoadSpec, MessageEvent, generate_messages
-from mesh.sim.memstore import MemStore
+from mesh.sim.memstore import MemStore, SimItem
 from mesh.sim.report import JSON_KEYS
 from mesh.store import Store
 from tests.helpers import make_envelope
@@ -156,6 +157,47 @@ def test_memstore_matches_the_real_store_step_by_step(tmp_path: Path) -> None:
         real.close()
 
 
+def test_memstore_keeps_the_hop_budget_it_is_given() -> None:
+    """``hops_left=`` stores what ``env.with_mutable(hops_left=...)`` would, byte for byte."""
+    now = 29_000_000 * 60.0
+    env = make_envelope(7, body_len=90, hops=9)
+    direct, patched = MemStore(quota_bytes=10_000), MemStore(quota_bytes=10_000)
+    direct.add_envelope(env.with_mutable(hops_left=4), now=now, origin="a")
+    patched.add_envelope(env, now=now, origin="a", hops_left=4)
+    a, b = direct.get_item(env.id), patched.get_item(env.id)
+    assert a is not None and b is not None
+    assert (a.data, a.hops_left, a.size) == (b.data, b.hops_left, b.size)
+    assert b.data is not None and Envelope.from_bytes(b.data).hops_left == 4
+
+
+def _reference_outgoing(item: SimItem, now: float) -> bytes:
+    """The header rewrite spelled out on a parsed envelope (what the fast path must equal)."""
+    assert item.data is not None
+    env = Envelope.from_bytes(item.data)
+    ttl_left = max(0, min(env.ttl_s, int(item.expires_at - now)))
+    return env.with_mutable(hops_left=min(item.hops_left, MAX_HOPS),
+                            ttl_left_s=ttl_left).to_bytes()
+
+
+def test_outgoing_envelope_rewrites_only_hops_and_lifetime() -> None:
+    rng = random.Random(9)
+    policy = RoutingPolicy()
+    for i in range(200):
+        ttl = rng.choice([60, 600, 86_400])
+        stamp = NO_STAMP if i % 3 else rng.randbytes(8)
+        env = make_envelope(i, body_len=rng.randrange(0, 400), ttl_s=ttl,
+                            hops=rng.randrange(0, MAX_HOPS + 1)).with_mutable(stamp=stamp)
+        now = 1_000_000.0
+        item = SimItem(env.id, "envelope", env.created_min, env.to_bytes(),
+                       now + rng.uniform(-100, 2 * ttl), rng.randrange(0, 200), 0, False,
+                       env.size, "a", env.receipt_hash, 0.0)
+        out = policy.outgoing_envelope(item, now)
+        assert out == _reference_outgoing(item, now), i
+        sent = Envelope.from_bytes(out)
+        assert sent.id == env.id and sent.stamp == stamp
+        assert sent.hops_left == min(item.hops_left, MAX_HOPS)
+
+
 # ---- scenarios ----------------------------------------------------------------------------
 
 def _run(policy: str, contacts: list[ContactEvent], messages: list[MessageEvent], *,
@@ -164,7 +206,7 @@ def _run(policy: str, contacts: list[ContactEvent], messages: list[MessageEvent]
     return Simulation(config, nodes=nodes, contacts=contacts, messages=messages).run().summary()
 
 
-@pytest.mark.parametrize("policy", ["epidemic", "spray-and-wait", "pigeon"])
+@pytest.mark.parametrize("policy", ["epidemic", "spray-and-wait", "pigeon", "pigeon-budget"])
 def test_a_message_over_a_chain_is_certainly_delivered(policy: str) -> None:
     """0 meets 1, later 1 meets 2: a message from 0 to 2 arrives in two hops."""
     contacts = [ContactEvent(100, 0, 1, True), ContactEvent(400, 0, 1, False),
@@ -202,6 +244,21 @@ def test_spray_and_wait_hands_out_six_copies_by_halves() -> None:
     assert _run("epidemic", contacts, messages, nodes=10)["relayed"] == 5
 
 
+def test_a_spent_copy_budget_still_reaches_the_recipient_but_no_one_else() -> None:
+    """``pigeon-budget``: 12 tokens halve as 6, 3, 1, 1 over relays 1..4; relay 5 gets the
+    envelope (nobody can tell it is not the recipient) and declines it; the recipient, met
+    last by the source holding its last token, keeps it."""
+    contacts = []
+    for i, peer in enumerate([1, 2, 3, 4, 5, 9]):
+        contacts += [ContactEvent(100 + 100 * i, 0, peer, True),
+                     ContactEvent(150 + 100 * i, 0, peer, False)]
+    messages = [MessageEvent(10, "M1", 0, 9, 100, 3600)]
+    report = _run("pigeon-budget", contacts, messages, nodes=10)
+    assert report["delivered"] == 1 and report["hopcount_avg"] == 1.0
+    assert report["relayed"] == 4 + 1 and report["declined"] == 1
+    assert _run("pigeon", contacts, messages, nodes=10)["declined"] == 0
+
+
 def _scenario(seed: int) -> tuple[list[ContactEvent], list[MessageEvent]]:
     contacts = random_waypoint_contacts(
         WaypointSpec(nodes=10, area=(400.0, 400.0), range_m=30.0), duration=1800,
@@ -230,6 +287,11 @@ def test_policies_differ_as_expected() -> None:
     # A copy budget relays far less and cannot deliver more than flooding.
     assert int(spray["relayed"]) < int(pigeon["relayed"])  # type: ignore[call-overload]
     assert int(spray["delivered"]) <= int(epidemic["delivered"])  # type: ignore[call-overload]
+    # Without the destination oracle, spent copies are still carried to peers who decline them.
+    budget = _run("pigeon-budget", contacts, messages, nodes=10, duration=1800)
+    assert int(budget["relayed"]) < int(pigeon["relayed"])  # type: ignore[call-overload]
+    assert int(budget["declined"]) > 0  # type: ignore[call-overload]
+    assert int(budget["delivered"]) <= int(pigeon["delivered"])  # type: ignore[call-overload]
 
 
 # ---- the command line ---------------------------------------------------------------------

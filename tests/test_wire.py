@@ -76,9 +76,10 @@ def test_truncated_frames_are_rejected(frame: wire.Frame, data: st.DataObject) -
     ([wire.FrameType.ITEMS, [[1]]], "wrong shape"),
     ([wire.FrameType.HELLO, 1, 10, 0], "max frame"),
     ([wire.FrameType.CLOSE, b"bytes"], "not text"),
-    ([wire.FrameType.RECONCILE, [[1, b"", 7, None]]], "range mode"),
-    ([wire.FrameType.RECONCILE, [[1, b"", 0, b"x"]]], "payload"),
-    ([wire.FrameType.RECONCILE, [[1, b"x" * 17, 0, None]]], "too long"),
+    ([wire.FrameType.RECONCILE, b"\x01\x80"], "range mode"),
+    ([wire.FrameType.RECONCILE, [[1, b"", 0, None]]], "not bytes"),
+    ([wire.FrameType.RECONCILE, b"\x01\x11" + b"x" * 17], "too long"),
+    ([wire.FrameType.RECONCILE, b"\x01\x01"], "truncated"),
 ])
 def test_wrongly_typed_fields_are_rejected(obj: object, reason: str) -> None:
     with pytest.raises(RemoteProtocolError, match=reason):
@@ -103,11 +104,27 @@ def test_trailing_bytes_are_rejected() -> None:
 
 
 @given(st.binary(max_size=20_000))
-def test_padding_round_trips_to_a_bucket(frame: bytes) -> None:
+def test_padding_round_trips_to_a_padme_length(frame: bytes) -> None:
     padded = wire.pad_plaintext(frame)
-    assert len(padded) in (64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768,
-                           wire.MAX_PLAINTEXT)
+    n = 2 + len(frame)
+    assert len(padded) == wire.padded_length(n) >= n
+    # Padmé: at most ~12 % overhead above the 64-byte floor, and the low bits are zero.
+    assert len(padded) == 64 or len(padded) <= n * 1.125
+    exponent = n.bit_length() - 1
+    assert len(padded) == 64 or len(padded) % (1 << (exponent - exponent.bit_length())) == 0
     assert wire.unpad_plaintext(padded) == frame
+
+
+def test_padme_lengths() -> None:
+    """Worked values (also in docs/protocol.md section 4.4)."""
+    assert [wire.padded_length(n) for n in (1, 64, 65, 100, 334, 1228, 4100, 65519)] == \
+        [64, 64, 72, 104, 336, 1280, 4352, 65519]
+    assert wire.padded_length(65_000) == wire.MAX_PLAINTEXT
+
+
+def test_oversized_frame_cannot_be_padded() -> None:
+    with pytest.raises(ValueError):
+        wire.pad_plaintext(bytes(wire.MAX_PLAINTEXT - 1))
 
 
 def test_padding_must_be_zero_and_length_must_fit() -> None:

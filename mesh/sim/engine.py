@@ -52,7 +52,14 @@ from mesh.session import (
 from mesh.sim.contacts import ContactEvent
 from mesh.sim.load import MessageEvent
 from mesh.sim.memstore import MemStore
-from mesh.sim.policies import POLICY_NAMES, SPRAY_COPIES, make_policy, split_copies
+from mesh.sim.policies import (
+    BUDGET_COPIES,
+    POLICY_NAMES,
+    SPRAY_COPIES,
+    TOKEN_POLICIES,
+    make_policy,
+    split_copies,
+)
 from mesh.sim.report import SimStats
 from mesh.store import ORIGIN_SELF, AddResult
 
@@ -104,10 +111,11 @@ class _Message:
 
 
 class _Node:
-    __slots__ = ("hops", "identity", "index", "link_key", "sides", "store")
+    __slots__ = ("hops", "identity", "index", "link_key", "origin", "sides", "store")
 
     def __init__(self, index: int, identity: Identity, link_key: KeyPair, store: MemStore) -> None:
         self.index = index
+        self.origin = str(index)  # how its neighbours' stores name it (per-neighbour quota)
         self.identity = identity
         self.link_key = link_key
         self.store = store
@@ -390,14 +398,19 @@ class Simulation:
         if msg.event.recipient == node.index:
             self._deliver(node, env, msg, hops, new_ids)
             return True
-        stored_env = env.with_mutable(hops_left=side.session.policy.hops_to_store(env))
-        result = store.add_envelope(stored_env, now=self.wall, origin=str(sender.index))
+        if self.config.policy == "pigeon-budget" and sender.store.copies.get(eid, 1) <= 1:
+            # A spent copy travels only to find its recipient; we are not it (we could
+            # not open it), so it is declined, not kept (see mesh/sim/policies.py).
+            self.stats.declined += 1
+            return False
+        result = store.add_envelope(env, now=self.wall, origin=sender.origin,
+                                    hops_left=side.session.policy.hops_to_store(env))
         if result == AddResult.STORED:
             new_ids.append(eid)
             node.hops[eid] = hops
             self.stats.relayed += 1
             self.stats.envelope_bytes_relayed += env.size
-            if self.config.policy == "spray-and-wait":
+            if self.config.policy in TOKEN_POLICIES:
                 split_copies(sender.store, store, eid)
             return True
         if result in (AddResult.DUPLICATE, AddResult.ANSWERED):
@@ -435,6 +448,8 @@ class Simulation:
         sender.hops[env.id] = 0
         if self.config.policy == "spray-and-wait":
             sender.store.copies[env.id] = SPRAY_COPIES
+        elif self.config.policy == "pigeon-budget":
+            sender.store.copies[env.id] = BUDGET_COPIES
         self.stats.created += 1
         self.stats.created_bytes += env.size
         self._offer(sender, [env.id])

@@ -26,6 +26,7 @@ Differences, on purpose: no app tables (inbox/outbox live in the engine), and a 
 from __future__ import annotations
 
 import heapq
+import struct
 from bisect import bisect_left, insort
 from dataclasses import dataclass
 
@@ -34,6 +35,9 @@ from mesh.routing import KIND_ENVELOPE, KIND_RECEIPT, KIND_TOMBSTONE
 from mesh.store import AddResult
 
 __all__ = ["MemStore", "SimItem"]
+
+#: The envelope's mutable part (``mesh.envelope``): hops_left, ttl_left_s, stamp.
+_MUTABLE = struct.Struct("!BI8s")
 
 
 @dataclass(slots=True)
@@ -103,8 +107,14 @@ class MemStore:
 
     def add_envelope(
         self, env: Envelope, *, now: float, origin: str, local: bool = False,
+        hops_left: int | None = None,
     ) -> AddResult:
-        """Same checks, order and outcomes as ``Store.add_envelope``."""
+        """Same checks, order and outcomes as ``Store.add_envelope``.
+
+        ``hops_left``, when given, is stored instead of the envelope's own (what the node
+        does with ``env.with_mutable(hops_left=...)``, without building a second envelope
+        and hashing its id again for every copy a flood stores).
+        """
         eid = env.id
         if eid in self._items:
             return AddResult.DUPLICATE
@@ -119,8 +129,10 @@ class MemStore:
                 return AddResult.REFUSED_QUOTA
             for victim in victims:
                 self._delete(self._items[victim])  # eviction forgets the id, as the store does
-        self._insert(SimItem(eid, KIND_ENVELOPE, env.created_min, env.to_bytes(),
-                             now + env.ttl_left_s, env.hops_left, bits, local, env.size, origin,
+        hops = env.hops_left if hops_left is None else hops_left
+        data = env.immutable_bytes + _MUTABLE.pack(hops, env.ttl_left_s, env.stamp)
+        self._insert(SimItem(eid, KIND_ENVELOPE, env.created_min, data,
+                             now + env.ttl_left_s, hops, bits, local, len(data), origin,
                              env.receipt_hash, env.dedup_until()))
         return AddResult.STORED
 

@@ -16,6 +16,13 @@ policy changes *what* flows and in which order, never *how*.
   that knowledge as an oracle (The ONE's routers get it too). No receipts either.
 * ``pigeon``: ``mesh.routing.RoutingPolicy`` unchanged: receipts first and as antidotes
   (they delete copies everywhere they reach), then stamped, then newest envelopes.
+* ``pigeon-budget``: what a copy budget would do inside Pigeon, kept as a comparison (not
+  the default; ``docs/simulation.md`` says why). Pigeon's receipts and order, plus binary
+  spray tokens (``BUDGET_COPIES``) carried out of band, as a per-hop header field would
+  carry them. What it cannot have is spray-and-wait's oracle: a sealed envelope does not
+  say whom it is for, so a holder whose tokens are spent must still offer the envelope to
+  every peer, and only the recipient (who finds out by opening it) keeps it; everybody
+  else receives it, declines it and forgets it. The copies saved are paid for in airtime.
 """
 
 from __future__ import annotations
@@ -27,17 +34,23 @@ from mesh.routing import KIND_RECEIPT, ItemView, RoutingPolicy
 from mesh.sim.memstore import MemStore
 
 __all__ = [
+    "BUDGET_COPIES",
     "POLICY_NAMES",
     "SPRAY_COPIES",
+    "TOKEN_POLICIES",
     "EpidemicPolicy",
     "SprayAndWaitPolicy",
     "make_policy",
     "split_copies",
 ]
 
-POLICY_NAMES = ("epidemic", "spray-and-wait", "pigeon")
+POLICY_NAMES = ("epidemic", "spray-and-wait", "pigeon", "pigeon-budget")
 #: Binary spray-and-wait's initial copy budget ``L``.
 SPRAY_COPIES = 6
+#: ``pigeon-budget``'s ``L``: about twice spray-and-wait's copies, the issue's overhead cap.
+BUDGET_COPIES = 12
+#: Policies whose copy budget the engine splits on every stored copy.
+TOKEN_POLICIES = frozenset({"spray-and-wait", "pigeon-budget"})
 
 
 def _shuffled(item_id: bytes) -> int:
@@ -98,4 +111,6 @@ def make_policy(
         return EpidemicPolicy()
     if name == "spray-and-wait":
         return SprayAndWaitPolicy(copies=store.copies, peer=peer, destinations=destinations)
+    if name == "pigeon-budget":
+        return RoutingPolicy(name="pigeon-budget")
     raise ValueError(f"unknown policy {name!r}; choose from {', '.join(POLICY_NAMES)}")

@@ -60,6 +60,7 @@ class SimStats:
     delivered_bytes: int = 0
     relayed: int = 0
     refused: int = 0
+    declined: int = 0
     envelope_bytes_relayed: int = 0
     wire_bytes: int = 0
     contacts: int = 0
@@ -104,6 +105,7 @@ class SimStats:
             "wire_bytes": self.wire_bytes,
             "delivered_bytes": self.delivered_bytes,
             "refused": self.refused,
+            "declined": self.declined,
             "receipts_stored": self.receipts_stored,
             "purged": self.purged,
             "contacts": self.contacts,

@@ -39,6 +39,14 @@ class TcpLink:
         self._writer.write(data)
         await self._writer.drain()
 
+    def write_nowait(self, data: bytes) -> None:
+        """Hand bytes to the kernel now (buffered in order with ``write``), without waiting
+        for the buffer to drain. The node uses it to forward before a commit; the
+        session's flow-control window bounds how much that can queue."""
+        if self._writer.is_closing():
+            raise ConnectionError("link closed")
+        self._writer.write(data)
+
     def close(self) -> None:
         with contextlib.suppress(Exception):
             self._writer.close()

@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: run relay test test-soak check lint types bench fuzz clean
+.PHONY: run relay test test-soak test-ble-vm check lint types bench fuzz clean
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -33,6 +33,14 @@ test: $(STAMP)
 test-soak: $(STAMP)
 	PIGEON_FLOOD_N=100000 $(BIN)/python -m pytest -q -p no:cacheprovider -s tests/test_flood.py
 
+# The BLE VM tier: QEMU boots Debian's kernel with dbus-daemon and bluetoothd inside, so
+# bleak's BlueZ backend and Pigeon's BlueZ peripheral run for real (docs/ble.md, "The VM
+# tier"). Needs qemu-system-x86, bluez, kmod, busybox-static, cpio; the kernel and
+# initramfs are prepared once into .cache/ble-vm/ (apt-get download). ~2 min per test.
+test-ble-vm: $(STAMP)
+	$(BIN)/python -m tests.vm.vm prepare
+	PIGEON_VM_TESTS=1 $(BIN)/python -m pytest -q -p no:cacheprovider -s tests/vm $(PYTEST_ARGS)
+
 lint: $(STAMP)
 	$(BIN)/ruff check mesh tui tests fuzz bench
 
@@ -44,7 +52,7 @@ check: lint types test
 # Every benchmark in bench/: JSON and PNG plots into docs/benchmarks/, then the summary
 # table in docs/benchmarks/README.md. Bench-only dependencies (matplotlib, rns, lxmf,
 # pyinstrument) come from the `bench` extra. Reticulum runs loopback-only (see bench/lxmf_peer.py).
-BENCHES := sync_cost relay_load sim_policies lxmf_compare
+BENCHES := sync_cost relay_load sim_policies lxmf_compare ble_goodput
 bench: $(STAMP)
 	$(BIN)/pip install -q -e '.[test,bench]'
 	@failed=""; for b in $(BENCHES); do echo "== $$b"; $(BIN)/python -m bench.$$b || failed="$$failed $$b"; done; \

@@ -19,6 +19,7 @@ BENCHMARKS = [
     ("sync_cost", "Sync cost (reconciliation)"),
     ("relay_load", "A relay under load"),
     ("sim_policies", "Simulator: routing policies and speed"),
+    ("ble_goodput", "BLE goodput over bumble"),
 ]
 
 HEADER = """# Benchmarks

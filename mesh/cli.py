@@ -38,6 +38,7 @@ from mesh.identity import Identity, is_encrypted
 from mesh.node import Node, NodeConfig
 from mesh.profile import Profile, ProfileLock
 from mesh.store import Store
+from mesh.transports.ble_service import BleService, start_ble
 from mesh.transports.lan import start_lan
 from mesh.transports.tcp import parse_hostport
 from mesh.wipe import wipe_profile
@@ -216,7 +217,8 @@ def cmd_status(args: argparse.Namespace, profile: Profile) -> int:
     _print(args, data, lambda d: (
         f"node {'running' if d['running'] else 'not running'}; {d['envelopes']} envelopes "
         f"({d['bytes']} bytes), {len(d['peers'])} peers" + "".join(
-            f"\n  {p['transport']:6} {p['address']:24} {p['state']}" for p in d["peers"])))
+            f"\n  {p['transport']:6} {p['address']:24} {p['state']}" for p in d["peers"])
+        + "".join(f"\n{name}: {text}" for name, text in d.get("transports", {}).items())))
     return 0
 
 
@@ -275,12 +277,18 @@ def cmd_wipe(args: argparse.Namespace, profile: Profile) -> int:
     return 0
 
 
+async def _start_ble(node: Node, args: argparse.Namespace) -> BleService | None:
+    """Bluetooth LE unless ``--no-ble``; without an adapter the node says so once and runs on."""
+    if args.no_ble:
+        node.set_transport_status("ble", "off (--no-ble)")
+        return None
+    return await start_ble(node)
+
+
 async def _run_relay(identity: Identity, store: Store, config: NodeConfig, profile: Profile,
                      args: argparse.Namespace) -> int:
     node = Node(identity, store, config)
     log = logging.getLogger("pigeon.relay")
-    if not args.no_ble:
-        log.info("Bluetooth LE is not available in this version")
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -290,6 +298,7 @@ async def _run_relay(identity: Identity, store: Store, config: NodeConfig, profi
     except OSError as exc:
         raise UserError(f"cannot listen: {exc}") from None
     lan = None if args.no_lan else await start_lan(node, args.interface)
+    ble = await _start_ble(node, args)
     ops = control.node_ops(node)
     wipe_requested = asyncio.Event()
 
@@ -308,6 +317,8 @@ async def _run_relay(identity: Identity, store: Store, config: NodeConfig, profi
     finally:
         log.info("shutting down")
         await server.stop()
+        if ble is not None:
+            await ble.stop()
         if lan is not None:
             await lan.stop()
         await node.stop()
@@ -331,9 +342,12 @@ def cmd_chat(args: argparse.Namespace, profile: Profile) -> int:
     async def lan(node: Node) -> Any:
         return await start_lan(node, interfaces)
 
+    async def ble(node: Node) -> Any:
+        return await _start_ble(node, args)
+
     host = ChatHost(profile, NodeConfig(listen=listen, peers=peers,
                                         listen_any_port_if_busy=not args.listen),
-                    passphrase=_passphrase(args), extras=[] if args.no_lan else [lan])
+                    passphrase=_passphrase(args), extras=([] if args.no_lan else [lan]) + [ble])
     host.claim()
     # The window owns the terminal: log lines on stderr would tear it, so they go to
     # --log FILE or nowhere (a log of peers met is itself sensitive on a seized device).

@@ -5,7 +5,9 @@
   (Pigeon's GATT layout, advertising the service UUID and nothing else).
 * ``bleak_backends`` returns a bleak scanner and client backend *class* bound to one
   bumble device, so ``mesh.transports.ble.BleCentral`` (real bleak ``BleakScanner`` /
-  ``BleakClient`` code) runs unmodified against a bumble peripheral.
+  ``BleakClient`` code) runs unmodified against a bumble peripheral. ``visible`` simulates
+  radio range (the scanner drops advertisements from addresses it rejects) and
+  ``connect_lock`` serialises connection set-up across devices (see ``BumbleClient.connect``).
 """
 
 from __future__ import annotations
@@ -40,6 +42,8 @@ class BumbleWorld:
     def __init__(self) -> None:
         self.link = LocalLink()
         self.count = 0
+        #: Shared by every central of this world that wants set-up serialised.
+        self.connect_lock = asyncio.Lock()
 
     async def device(self, name: str) -> Device:
         self.count += 1
@@ -73,6 +77,9 @@ class BumblePeripheral:
         self.tx = Characteristic(TX_UUID, Characteristic.Properties.NOTIFY,
                                  Characteristic.READABLE, b"")
         self.writes = 0
+        self._advertising_lock = asyncio.Lock()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._stopped = False
 
     @staticmethod
     def peer_name(connection: Connection) -> str:
@@ -82,12 +89,30 @@ class BumblePeripheral:
         self.handler = handler
         self.device.add_service(Service(SERVICE_UUID, [self.rx, self.tx]))
         self.device.on(self.device.EVENT_CONNECTION, self._on_connection)
-        await self.device.start_advertising(advertising_data=advertising_data(),
-                                            scan_response_data=b"", auto_restart=True,
-                                            advertising_interval_min=20,
-                                            advertising_interval_max=20)
+        await self._advertise()
+
+    async def _advertise(self) -> None:
+        """(Re)start connectable advertising. A controller stops advertising when a central
+        connects; like BlueZ, we start again at once so more centrals can connect (bumble's
+        own ``auto_restart`` waits for a disconnection)."""
+        async with self._advertising_lock:
+            if self._stopped:
+                return
+            await self.device.start_advertising(advertising_data=advertising_data(),
+                                                scan_response_data=b"", auto_restart=False,
+                                                advertising_interval_min=20,
+                                                advertising_interval_max=20)
+
+    def _schedule_advertising(self) -> None:
+        task = asyncio.ensure_future(self._advertise())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     async def stop(self) -> None:
+        self._stopped = True
+        for task in list(self._tasks):
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(task, 2.0)
         with contextlib.suppress(Exception):
             await self.device.stop_advertising()
         for connection in list(self.connections.values()):
@@ -99,9 +124,12 @@ class BumblePeripheral:
             return
         name = self.peer_name(connection)
         self.connections[name] = connection
+        self._schedule_advertising()
 
         def gone(*_: Any) -> None:
             self.connections.pop(name, None)
+            if not self._stopped and self.device.legacy_advertiser is None:
+                self._schedule_advertising()
             if self.handler is not None:
                 self.handler.on_disconnect(name)
 
@@ -109,6 +137,10 @@ class BumblePeripheral:
 
     def _on_write(self, connection: Connection, value: bytes) -> None:
         self.writes += 1
+        if self.peer_name(connection) not in self.connections:
+            # bumble runs write handlers in tasks, so a write can land after the
+            # disconnection was reported; a new link for a gone central would linger.
+            return
         if self.handler is not None:
             self.handler.on_write(self.peer_name(connection), bytes(value))
 
@@ -131,9 +163,17 @@ class BumblePeripheral:
 # ---- a test-only bleak backend driving a bumble central --------------------------------------
 
 
-def bleak_backends(device: Device, mtu: int = 517,
+def bleak_backends(device: Device, mtu: int = 517, *,
+                   visible: Callable[[str], bool] | None = None,
+                   connect_lock: asyncio.Lock | None = None,
                    ) -> tuple[type[BaseBleakScanner], type[BaseBleakClient]]:
-    """Scanner and client backend classes (bleak takes classes) bound to ``device``."""
+    """Scanner and client backend classes (bleak takes classes) bound to ``device``.
+
+    ``visible(address)``: advertisements from addresses it rejects are never reported, as
+    if out of radio range (a ``LocalLink`` is one room where everyone hears everyone).
+    ``connect_lock``: held around each connection set-up; share one lock between all the
+    centrals of a world so no device accepts a connection while another is being made.
+    """
 
     class BumbleScanner(BaseBleakScanner):
         def __init__(self, detection_callback: Any, service_uuids: list[str] | None,
@@ -153,6 +193,8 @@ def bleak_backends(device: Device, mtu: int = 517,
                 await asyncio.wait_for(device.stop_scanning(), 2.0)
 
         def _on_advertisement(self, adv: Advertisement) -> None:
+            if visible is not None and not visible(str(adv.address)):
+                return
             entries = adv.data.get_all(AdvertisingData.COMPLETE_LIST_OF_128_BIT_SERVICE_CLASS_UUIDS)
             flat = [str(u).lower() for entry in entries
                     for u in (entry if isinstance(entry, list) else [entry])]
@@ -181,9 +223,11 @@ def bleak_backends(device: Device, mtu: int = 517,
             return 23 if self._connection is None else int(self._connection.att_mtu)
 
         async def connect(self, pair: bool, **kwargs: Any) -> None:
-            connection = await device.connect(self._target, timeout=self._timeout)
-            if connection.role != connection.role.CENTRAL:
-                raise BleakError("bumble returned the incoming connection (role quirk)")
+            if connect_lock is None:
+                connection = await self._connect_as_central()
+            else:
+                async with connect_lock:
+                    connection = await self._connect_as_central()
             self._connection = connection
             connection.on(connection.EVENT_DISCONNECTION, self._on_disconnection)
             peer = self._peer = Peer(connection)
@@ -203,6 +247,31 @@ def bleak_backends(device: Device, mtu: int = 517,
                                                     props, self._max_write, bsvc)
                     services.add_characteristic(bchar)
             self.services = services
+
+        async def _connect_as_central(self) -> Connection:
+            """bumble's quirk: ``device.connect`` resolves with the first connection the
+            device reports, so on a device that is also a peripheral it can return an
+            *incoming* connection. Wait for our own (role central, to the target) instead."""
+            loop = asyncio.get_running_loop()
+            ours: asyncio.Future[Connection] = loop.create_future()
+
+            def on_connection(connection: Connection) -> None:
+                if (connection.role == connection.role.CENTRAL
+                        and connection.peer_address == self._target and not ours.done()):
+                    ours.set_result(connection)
+
+            if any(c.peer_address == self._target for c in device.connections.values()):
+                # A real controller refuses this (HCI "Connection Already Exists"); bumble's
+                # only logs it and the connect hangs until its timeout.
+                raise BleakError("a connection to this device already exists")
+            device.on(device.EVENT_CONNECTION, on_connection)
+            try:
+                first = await device.connect(self._target, timeout=self._timeout)
+                if first.role == first.role.CENTRAL and first.peer_address == self._target:
+                    return first
+                return await asyncio.wait_for(ours, self._timeout)
+            finally:
+                device.remove_listener(device.EVENT_CONNECTION, on_connection)
 
         def _max_write(self) -> int:
             return self.mtu_size - 3

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from bench import lxmf_compare, relay_load, sim_policies, summary, sync_cost
+from bench import ble_goodput, lxmf_compare, relay_load, sim_policies, summary, sync_cost
 from bench.common import write_json
 
 
@@ -30,8 +30,17 @@ def test_relay_load_tiny() -> None:
 
 def test_sim_policies_tiny() -> None:
     data = sim_policies.run(tiny=True)
-    assert set(data["results"]["tiny"]) == {"epidemic", "spray-and-wait", "pigeon"}
-    assert len(data["goals"]) == 3
+    assert set(data["results"]["tiny"]) == {"epidemic", "spray-and-wait", "pigeon", "pigeon-budget"}
+    assert len(data["goals"]) == 4
+
+
+def test_ble_goodput_tiny() -> None:
+    data = ble_goodput.run(tiny=True)
+    for mtu in ("23", "517"):
+        result = data["results"][mtu]
+        assert result["raw_goodput_Bps"] > 0 and result["link_goodput_Bps"] > 0
+        assert result["session"][0]["messages"] >= 1
+    assert len(data["goals"]) == 2
 
 
 @pytest.mark.skipif(importlib.util.find_spec("RNS") is None or importlib.util.find_spec("LXMF") is None,

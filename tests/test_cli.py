@@ -130,6 +130,7 @@ def test_commands_attach_to_a_running_relay_and_a_second_relay_refuses(
         code, out, _ = run(capsys, "--home", str(a), "status", "--json")
         status = json.loads(out)
         assert status["running"] is True and status["envelopes"] == 1
+        assert status["transports"] == {"ble": "off (--no-ble)"}
         code, out, _ = run(capsys, "--home", str(a), "outbox", "--json")
         assert [m["text"] for m in json.loads(out)] == ["via the relay"]
         second = subprocess.run(
@@ -197,3 +198,37 @@ def test_inbox_output_neutralises_terminal_escapes(tmp_path: Path,
         code, out, _ = run(capsys, "--home", str(home), *argv)
         assert code == 0 and "\x1b" not in out and "\x07" not in out
         assert "pwned" in out  # shown, but as inert text
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="BlueZ probe is Linux-only")
+def test_relay_without_bluetooth_says_so_once_and_runs(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """BLE is on by default. With no system bus (pointed at a socket that does not exist,
+    so nothing here ever touches a real Bluetooth stack) the relay logs one clear line,
+    `pigeon status` says why BLE is off, and the relay works. ``--no-lan`` per the
+    network rule."""
+    import os
+
+    home = tmp_path / "a"
+    init(capsys, home, "alice")
+    log = tmp_path / "relay.log"
+    env = {**os.environ, "DBUS_SYSTEM_BUS_ADDRESS": f"unix:path={tmp_path}/no-such-bus"}
+    with open(log, "wb") as fh:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "mesh.cli", "--home", str(home), "relay", "--listen",
+             "127.0.0.1:0", "--no-lan"], stdout=fh, stderr=subprocess.STDOUT, cwd=ROOT, env=env)
+    try:
+        deadline = time.monotonic() + 20
+        while "running" not in log.read_text() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert "running" in log.read_text(), log.read_text()
+        code, out, _ = run(capsys, "--home", str(home), "status")
+        assert code == 0 and "\nble: off: " in out
+        code, out, _ = run(capsys, "--home", str(home), "status", "--json")
+        assert json.loads(out)["transports"]["ble"].startswith("off: ")
+        time.sleep(1.0)  # a second chance to repeat itself
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=15) == 0
+    text = log.read_text()
+    assert text.count("Bluetooth LE off") == 1, text

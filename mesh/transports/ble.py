@@ -16,9 +16,9 @@ central and ``min(ATT_MTU - 3, 500)`` on the peripheral (BlueZ loses 511-514-byt
 commands; see docs/ble.md).
 
 The peripheral side is behind the small ``Peripheral`` protocol so the OS stack is
-pluggable: the tests use a bumble implementation (tests/ble_support.py); a BlueZ one over
-``dbus-fast`` is a later increment. The central uses bleak and takes ``backend=`` classes
-so tests can inject a backend that drives a software controller.
+pluggable: ``mesh.transports.bluez`` implements it on BlueZ over ``dbus-fast``; the tests
+also use a bumble implementation (tests/ble_support.py). The central uses bleak and takes
+``backend=`` classes so tests can inject a backend that drives a software controller.
 """
 
 from __future__ import annotations
@@ -28,9 +28,12 @@ import contextlib
 import logging
 import os
 import random
+import time
+import weakref
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, Protocol
 
+from mesh.dialer import DUPLICATE_REASON
 from mesh.errors import LocalProtocolError
 from mesh.transports.ble_framing import DEFAULT_WINDOW, MAX_CHUNK, BleFraming
 
@@ -47,8 +50,16 @@ TX_UUID = "8bee04a6-d0a4-471c-a7c2-52cacaef2320"
 HIGH_WATER = 16 * 1024
 #: How long closing waits to flush a CLOSE fragment and tear the connection down.
 TEARDOWN_TIMEOUT = 5.0
+#: Addresses a central remembers a connection backoff for (the rest are forgotten).
+MAX_RETRY_ENTRIES = 256
 
 SendFragment = Callable[[bytes], Awaitable[None]]
+
+#: Links of this process whose GATT connection may still deliver fragments (until their
+#: teardown finished): a new link's id differs from all of theirs, so on one host a stale
+#: or parallel link's fragments never match a new link's id (docs/ble.md, "Framing").
+#: Weak: a link dropped without ever starting frees its id.
+_live_links: weakref.WeakSet[BleLink] = weakref.WeakSet()
 
 
 class BleLink:
@@ -74,9 +85,11 @@ class BleLink:
         self._chunk_size = chunk_size
         self._send = send_fragment
         self._disconnect = disconnect
-        self.framing = BleFraming(rng, min(chunk_size(), MAX_CHUNK), self._loop.time(),
-                                  initiator=initiator, window=window,
-                                  open_timeout=open_timeout, stall_timeout=stall_timeout)
+        self.framing: BleFraming = BleFraming(
+            rng, min(chunk_size(), MAX_CHUNK), self._loop.time(), initiator=initiator,
+            window=window, open_timeout=open_timeout, stall_timeout=stall_timeout,
+            taken={link.framing.my_id for link in _live_links})
+        _live_links.add(self)
         self._wake = asyncio.Event()  # the pump has work
         self._changed = asyncio.Event()  # readers and writers may proceed
         self._lost = False
@@ -177,17 +190,24 @@ class BleLink:
             if not self.framing.closed:
                 self.framing.close("BLE link failed")
             self._changed.set()
-            log.debug("BLE link to %s closed: %s", self.address, self.framing.close_reason)
+            # INFO, not DEBUG: a framing violation (credit, size, gap, stall) is only
+            # named here; the session above just sees the link end ("link lost").
+            log.info("BLE link to %s closed: %s", self.address, self.framing.close_reason)
             if self._disconnect is not None:
                 with contextlib.suppress(Exception):
                     await asyncio.wait_for(self._disconnect(), TEARDOWN_TIMEOUT)
+            _live_links.discard(self)
 
 
 # ---- peripheral ---------------------------------------------------------------------------
 
 
 class PeripheralHandler(Protocol):
-    """What a ``Peripheral`` reports to Pigeon. ``peer`` names one connected central."""
+    """What a ``Peripheral`` reports to Pigeon. ``peer`` names one connected central.
+
+    No ``on_write`` for a peer after its ``on_disconnect`` (stacks that run write handlers
+    asynchronously must drop late ones): the server would open a link for a gone central.
+    """
 
     def on_write(self, peer: str, value: bytes) -> None: ...
 
@@ -220,10 +240,14 @@ class BlePeripheralServer:
     """Turns a ``Peripheral``'s writes into one ``BleLink`` per central for ``node``."""
 
     def __init__(self, node: Node, peripheral: Peripheral, *, max_links: int = 6,
+                 total_links: Callable[[], int] | None = None,
                  **link_options: Any) -> None:
         self.node = node
         self.peripheral = peripheral
         self.max_links = max_links
+        #: Links counted against ``max_links``: by default ours; ``BleService`` passes the
+        #: count over both roles, so central and peripheral links share one cap.
+        self._total_links = total_links or (lambda: len(self.links))
         self._link_options = link_options
         self.links: dict[str, BleLink] = {}
 
@@ -238,7 +262,7 @@ class BlePeripheralServer:
     def on_write(self, peer: str, value: bytes) -> None:
         link = self.links.get(peer)
         if link is None or link.closed:
-            if link is None and len(self.links) >= self.max_links:
+            if link is None and self._total_links() >= self.max_links:
                 return  # ignored; the central's OPEN times out
             link = self._open(peer)
         link.feed(value)
@@ -265,16 +289,41 @@ class BlePeripheralServer:
 # ---- central (bleak) ------------------------------------------------------------------------
 
 
+class BleScanError(Exception):
+    """The OS scan itself failed (no adapter, powered off, no permission): not a peer's fault."""
+
+
+class _CentralAttempt:
+    """``LinkObserver`` for one dialed BLE link: reports its end to the central."""
+
+    def __init__(self, central: BleCentral, address: str) -> None:
+        self.central = central
+        self.address = address
+        self.remote_key: bytes | None = None
+
+    def handshake_completed(self, remote_key: bytes) -> None:
+        self.remote_key = remote_key
+
+    def link_closed(self, *, handshaken: bool, error: bool, reason: str) -> None:
+        self.central.link_ended(self.address, remote_key=self.remote_key,
+                                handshaken=handshaken, error=error, reason=reason)
+
+
 class BleCentral:
     """Scans for Pigeon's service with bleak, connects, subscribes, runs a session.
 
     ``scanner_backend`` / ``client_backend`` are passed to bleak as ``backend=`` (None:
-    the platform's own). ``run`` keeps looking for peers not yet linked, with backoff.
+    the platform's own). ``run`` keeps looking for peers not yet linked on a duty cycle
+    (see ``run``). ``skip(address)`` names peers we must not dial (``BleService`` passes
+    "already linked to us as a central", the cheap half of the one-link-per-pair rule);
+    ``total_links()`` counts links against ``max_links`` (default: ours only).
     """
 
     def __init__(self, node: Node, *, scanner_backend: Any = None, client_backend: Any = None,
                  scan_timeout: float = 5.0, connect_timeout: float = 10.0, max_links: int = 6,
                  backoff_initial_s: float = 0.5, backoff_max_s: float = 30.0,
+                 skip: Callable[[str], bool] | None = None,
+                 total_links: Callable[[], int] | None = None,
                  **link_options: Any) -> None:
         self.node = node
         self._scanner_kw: dict[str, Any] = {} if scanner_backend is None else {
@@ -286,26 +335,79 @@ class BleCentral:
         self.max_links = max_links
         self.backoff_initial_s = backoff_initial_s
         self.backoff_max_s = backoff_max_s
+        self._skip = skip or (lambda _address: False)
+        self._total_links = total_links or (lambda: len(self.links))
         self._link_options = link_options
         self.links: dict[str, BleLink] = {}
+        #: Per-address backoff after a failed connection: address -> (retry at, delay).
+        #: A peer that keeps failing (out of range, hostile, wrong GATT) does not starve
+        #: the others. Bounded: expired entries go first, then the oldest.
+        self._retry: dict[str, tuple[float, float]] = {}
+        #: Addresses whose link lost the duplicate-link rule (they also dialed us), with
+        #: the link key they had: not redialed while a link to that key lives.
+        self._duplicate_of: dict[str, bytes] = {}
         self._stopping = False
+        #: Scanning failed (no adapter, powered off, permission): said once, not per scan.
+        self.scan_error: str | None = None
+        self._scan_failures = 0
+        self.scans = 0
+        self.connects = 0
+        self.failures = 0
 
     def _wanted(self, device: Any, adv: Any) -> bool:
-        return (SERVICE_UUID in [u.lower() for u in adv.service_uuids]
-                and device.address not in self.links)
+        if SERVICE_UUID not in [u.lower() for u in adv.service_uuids]:
+            return False
+        address = device.address
+        if address in self.links or self._skip(address):
+            return False
+        twin = self._duplicate_of.get(address)
+        if twin is not None:
+            if self.node.has_link_to(twin):
+                return False  # we lost the duplicate-link rule to it; its link stands
+            del self._duplicate_of[address]
+        retry = self._retry.get(address)
+        return retry is None or retry[0] <= time.monotonic()
+
+    def _failed(self, address: str) -> None:
+        self.failures += 1
+        now = time.monotonic()
+        _, delay = self._retry.get(address, (0.0, self.backoff_initial_s / 2))
+        delay = min(max(delay * 2, self.backoff_initial_s), self.backoff_max_s)
+        self._retry.pop(address, None)
+        self._retry[address] = (now + delay * (0.5 + random.random()), delay)
+        if len(self._retry) > MAX_RETRY_ENTRIES:
+            for key in [k for k, (at, _) in self._retry.items() if at <= now]:
+                del self._retry[key]
+            while len(self._retry) > MAX_RETRY_ENTRIES:
+                del self._retry[next(iter(self._retry))]
 
     async def connect_once(self) -> BleLink | None:
         """Find one unlinked Pigeon peripheral and start a session with it; None if none
         was found within ``scan_timeout``. Raises on connection errors."""
-        from bleak import BleakClient, BleakScanner
+        from bleak import BleakScanner
 
-        if len(self.links) >= self.max_links:
+        if self._total_links() >= self.max_links:
             return None
-        device = await BleakScanner.find_device_by_filter(
-            self._wanted, timeout=self.scan_timeout, service_uuids=[SERVICE_UUID],
-            **self._scanner_kw)
+        self.scans += 1
+        try:
+            device = await BleakScanner.find_device_by_filter(
+                self._wanted, timeout=self.scan_timeout, service_uuids=[SERVICE_UUID],
+                **self._scanner_kw)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            raise BleScanError(str(exc) or type(exc).__name__) from exc
         if device is None:
             return None
+        try:
+            return await self._connect(device)
+        except BaseException:
+            self._failed(device.address)
+            raise
+
+    async def _connect(self, device: Any) -> BleLink | None:
+        from bleak import BleakClient
+
         holder: list[BleLink] = []
 
         def disconnected(_client: BleakClient) -> None:
@@ -341,8 +443,10 @@ class BleCentral:
         if not client.is_connected:
             raise ConnectionError("disconnected during set-up")
         self.links[device.address] = link
+        self.connects += 1
         link.start()  # subscribed: the peripheral's OPEN answer can reach us now
-        task = self.node.add_link(link, initiator=True)
+        task = self.node.add_link(link, initiator=True,
+                                  observer=_CentralAttempt(self, device.address))
         finished = link.finished
         assert finished is not None
         finished.add_done_callback(lambda _t: self._forget(device.address, link))
@@ -355,17 +459,39 @@ class BleCentral:
             del self.links[address]
 
     async def run(self) -> None:
-        """Connect to every Pigeon peripheral in range until ``stop`` (which lets the current
-        scan end by itself: cancelling an OS scan mid-command is the riskier path)."""
+        """Connect to every Pigeon peripheral in range until ``stop``.
+
+        The duty cycle, for laptop batteries: a scan lasts at most ``scan_timeout``; after
+        a scan that found nobody new we pause, the pause doubling (jittered) from
+        ``backoff_initial_s`` to ``backoff_max_s``, so a node alone scans ~5 s in every
+        ~35 s (about 14%) and one that just met someone looks again soon. At ``max_links``
+        it does not scan at all. Finding a peer resets the pause. ``stop`` lets the current
+        scan end by itself: cancelling an OS scan mid-command is the riskier path.
+        """
         backoff = self.backoff_initial_s
         while not self._stopping:
             try:
                 link = await self.connect_once()
             except asyncio.CancelledError:
                 raise
-            except Exception as exc:
-                log.info("BLE connect failed: %s", exc)
+            except BleScanError as exc:
                 link = None
+                # One failure can be transient (BlueZ answers InProgress to a scan started
+                # right after a connection); two in a row are worth saying, once.
+                self._scan_failures += 1
+                if self._scan_failures == 1:
+                    log.info("BLE scan failed: %s", exc)
+                elif self.scan_error is None:
+                    log.warning("Bluetooth LE scanning failed: %s (retrying quietly)", exc)
+                    self.scan_error = str(exc)
+                else:
+                    self.scan_error = str(exc)
+            except Exception as exc:
+                link = None
+                log.info("BLE connect failed: %s", exc)
+                self._scan_ok()
+            else:
+                self._scan_ok()
             if link is not None:
                 backoff = self.backoff_initial_s
                 continue
@@ -373,6 +499,23 @@ class BleCentral:
                 return
             await asyncio.sleep(backoff * (0.5 + random.random()))
             backoff = min(backoff * 2, self.backoff_max_s)
+
+    def _scan_ok(self) -> None:
+        self._scan_failures = 0
+        if self.scan_error is not None:
+            log.warning("Bluetooth LE scanning works again")
+            self.scan_error = None
+
+    def link_ended(self, address: str, *, remote_key: bytes | None, handshaken: bool,
+                   error: bool, reason: str) -> None:
+        """How a link we dialed ended: decides whether and when to dial that address again."""
+        if DUPLICATE_REASON in reason and remote_key is not None:
+            self._duplicate_of.pop(address, None)
+            self._duplicate_of[address] = remote_key
+            while len(self._duplicate_of) > MAX_RETRY_ENTRIES:
+                del self._duplicate_of[next(iter(self._duplicate_of))]
+        elif error or not handshaken:
+            self._failed(address)
 
     async def stop(self) -> None:
         self._stopping = True

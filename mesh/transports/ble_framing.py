@@ -10,24 +10,50 @@ peer sends makes it raise; a broken rule closes it with ``close_reason``.
 
 Byte layout of every fragment (big-endian)::
 
-    dst_id  u32   the link id the *receiver* chose for this link (0 only in the central's OPEN)
+    dst_id  u16   the link id the *receiver* chose for this link (0 only in the central's OPEN)
     tag     u16   type (top 2 bits) | seq (low 14 bits, per direction, wraps)
-    body    ...   DATA:   1..chunk-6 stream bytes
+    body    ...   DATA:   1..chunk-4 stream bytes
                   CREDIT: u16 more fragments the sender may send
-                  OPEN:   u32 my link id || u16 window (initial credit, fragments)
+                  OPEN:   u16 my link id || u16 window (initial credit, fragments)
                   CLOSE:  reason, ASCII, truncated to fit
 
-Overhead: 6 bytes per fragment (20-byte chunks at MTU 23 carry 14 stream bytes).
+Overhead: 4 bytes per fragment (20-byte chunks at MTU 23 carry 16 stream bytes; the
+first layout's u32 id left 14). ``encode_fragment``/``decode_header`` and
+``encode_open``/``decode_open`` are the one definition of this layout; tests and tools
+that craft fragments use them.
 
-Why receiver-chosen ids: a peripheral's notifications may reach every subscriber, and a
-stale link's fragments may still be queued when the next link starts. Each end picks a
-fresh random id per link; fragments carry the id of the end they are for, so filtering
-is one comparison and anything else (another subscriber's traffic, an old link, junk
-too short to hold an id) is ignored without cost. Opening is asymmetric because only the
-central's writes are unicast: the central sends OPEN addressed to 0; the peripheral
-accepts only that, answers with an OPEN addressed to the central's id, and the central
-accepts only an OPEN addressed to itself, so a broadcast meant for another central
-never binds it.
+Why receiver-chosen ids: a peripheral's notifications may reach every subscriber (BlueZ
+notifies them all), and a stale link's fragments may still be queued when the next link
+starts. Each end picks a random id per link, never 0 and never one of its own live ids
+(``taken``); fragments carry the id of the end they are for, so filtering is one
+comparison and anything else (another subscriber's traffic, an old link, junk too short
+to hold an id) is ignored without cost. Opening is asymmetric because only the central's
+writes are unicast: the central sends OPEN addressed to 0; the peripheral accepts only
+that, answers with an OPEN addressed to the central's id, and the central accepts only an
+OPEN addressed to itself, so a broadcast meant for another central never binds it
+(unless their ids collide: below).
+
+Why 16 bits are enough: the id is a filter, not a secret or a guarantee. One host's
+links never share an id (``BleLink`` passes as ``taken`` the ids of every link of the
+process whose connection is not yet torn down). What it cannot see are other ends' ids: another
+central subscribed to the same peripheral, or a link of ours whose id was already
+released. Such an id equals a new link's id with probability 1/65,535 per pair. The
+price of a collision is a closed link, not a corrupted stream. Interleaved with our own
+link's fragments, foreign ones break the sequence at once: a fragment out of sequence
+closes the link ("fragment gap"/"duplicate"), and a stray one that happens to carry the
+expected seq (~1/16,384) pushes the next genuine fragment out of sequence; a second OPEN,
+or CREDIT beyond the window, closes too. What the framing cannot tell apart (a colliding
+central that took another central's OPEN answer because it came first, and the foreign
+DATA after it, until its own peer's OPEN closes it) reaches the session as Noise records
+of someone else's handshake, which fail authentication and close the link. A closed link
+is what loss costs anyway: the node reconnects with fresh ids and reconciliation resumes.
+A 32-bit id made a collision ~1/4e9 at 2 more bytes per fragment, 10% of a 20-byte value.
+
+Why not 3 bytes: after a 16-bit id, one byte would leave a 6-bit sequence number, and a
+run of exactly 64 lost fragments (one default window) would then pass the check unseen;
+a shorter id (say 10 bits, 1/1,023 per pair) trades a reconnect per thousand links for
+one byte. The type stays in the tag's top 2 bits: four types need two bits, and the
+14-bit seq is far larger than any window (``MAX_WINDOW``).
 
 Why a sequence number: write without response and notifications are ordered within a
 connection, but are silently lost on a failing link (and BlueZ drops some sizes). The
@@ -38,7 +64,7 @@ window, at most ``MAX_WINDOW``, is far below 2**14 fragments).
 Why credits: a slow peer must not be flooded, and a hostile one must not fill our memory.
 The receiver grants ``window`` fragments in OPEN and returns credit only after its
 caller drained the bytes (``received_data``), so at most ``window`` fragments are ever
-buffered (``window * 506`` bytes). Data beyond the credit, credit beyond the window,
+buffered (``window * 508`` bytes). Data beyond the credit, credit beyond the window,
 fragments over 512 bytes (one ATT value), a second OPEN: all close the link.
 
 Timers: no OPEN within ``open_timeout``; a record (followed through its u16 length
@@ -49,7 +75,7 @@ prefix, the only thing this layer reads of the stream) left unfinished with no d
 from __future__ import annotations
 
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Container
 
 from mesh.errors import LocalProtocolError, RemoteProtocolError
 
@@ -59,14 +85,62 @@ MAX_CHUNK = 500
 MIN_CHUNK = 20
 #: One attribute value is capped at 512 bytes: nothing longer can be legitimate.
 MAX_FRAGMENT = 512
-HEADER = 6
+#: ``dst_id u16 | tag u16``.
+HEADER = 4
 MAX_WINDOW = 1024
 DEFAULT_WINDOW = 64
 DATA, CREDIT, OPEN, CLOSE = 0, 1, 2, 3
 SEQ_MOD = 1 << 14
-_HDR = struct.Struct(">IH")
-_OPEN = struct.Struct(">IH")
+#: Link ids are 1..65535; 0 addresses the peripheral before it has chosen one.
+ID_SPACE = 1 << 16
+#: Random draws before ``pick_link_id`` falls back to a scan (only if ``taken`` is huge).
+_ID_DRAWS = 32
+_HDR = struct.Struct(">HH")
+_OPEN = struct.Struct(">HH")
 _CREDIT = struct.Struct(">H")
+#: Length of an OPEN fragment: header, the sender's link id and its window.
+OPEN_SIZE = HEADER + _OPEN.size
+
+
+def encode_fragment(dst: int, kind: int, seq: int, body: bytes) -> bytes:
+    """One fragment in the layout above (``seq`` is taken modulo ``SEQ_MOD``)."""
+    return _HDR.pack(dst, kind << 14 | seq % SEQ_MOD) + body
+
+
+def decode_header(data: bytes) -> tuple[int, int, int]:
+    """``(dst_id, kind, seq)`` of a fragment at least ``HEADER`` bytes long."""
+    dst, tag = _HDR.unpack_from(data)
+    return dst, tag >> 14, tag & (SEQ_MOD - 1)
+
+
+def encode_open(link_id: int, window: int) -> bytes:
+    """The body of an OPEN: the sender's own link id and its initial credit."""
+    return _OPEN.pack(link_id, window)
+
+
+def decode_open(body: bytes) -> tuple[int, int]:
+    """``(sender's link id, window)`` of an OPEN body (exactly 4 bytes)."""
+    link_id, window = _OPEN.unpack(body)
+    return link_id, window
+
+
+def pick_link_id(rng: Callable[[int], bytes], taken: Container[int] = ()) -> int:
+    """A random link id in 1..65535 that is not in ``taken`` (our own live ids).
+
+    Uniform over the free ids while ``taken`` is small (as it is: a node holds a handful
+    of links); if ``_ID_DRAWS`` draws all hit ``taken`` (an rng that repeats itself, or
+    nearly every id in use) a scan from the last draw still finds a free one.
+    """
+    candidate = 0
+    for _ in range(_ID_DRAWS):
+        candidate = int.from_bytes(rng(2), "big")
+        if candidate != 0 and candidate not in taken:
+            return candidate
+    for step in range(1, ID_SPACE):
+        free = (candidate + step) % ID_SPACE
+        if free != 0 and free not in taken:
+            return free
+    raise LocalProtocolError("every BLE link id is in use")
 
 
 class BleFraming:
@@ -74,9 +148,10 @@ class BleFraming:
 
     def __init__(self, link_id_rng: Callable[[int], bytes], chunk_size: int, now: float, *,
                  initiator: bool, window: int = DEFAULT_WINDOW, open_timeout: float = 10.0,
-                 stall_timeout: float = 15.0) -> None:
+                 stall_timeout: float = 15.0, taken: Container[int] = ()) -> None:
         """``initiator`` is True on the central (whose writes are unicast), False on the
-        peripheral; ``link_id_rng`` is ``os.urandom``-shaped."""
+        peripheral; ``link_id_rng`` is ``os.urandom``-shaped; ``taken`` holds the link ids
+        of this host's other live links, which ours must differ from."""
         if not 1 <= window <= MAX_WINDOW:
             raise LocalProtocolError("window out of range")
         self.initiator = initiator
@@ -85,9 +160,7 @@ class BleFraming:
         self.stall_timeout = stall_timeout
         self.chunk = 0
         self.set_chunk_size(chunk_size)
-        self.my_id = 0
-        while self.my_id == 0:  # 0 means "not addressed yet"
-            self.my_id = int.from_bytes(link_id_rng(4), "big")
+        self.my_id = pick_link_id(link_id_rng, taken)
         self.peer_id: int | None = None
         self.closed = False
         self.close_reason: str | None = None
@@ -108,7 +181,7 @@ class BleFraming:
         self._record_left = 0
         self._record_stall: float | None = None  # last data while mid-record
         if initiator:
-            self._queue(OPEN, 0, _OPEN.pack(self.my_id, window))
+            self._queue(OPEN, 0, encode_open(self.my_id, window))
 
     # ---- commands and outputs ----------------------------------------------------
 
@@ -196,8 +269,7 @@ class BleFraming:
         if len(data) < HEADER:
             self.ignored += 1  # cannot even name a link: not ours
             return
-        dst, tag = _HDR.unpack_from(data)
-        kind, seq = tag >> 14, tag & (SEQ_MOD - 1)
+        dst, kind, seq = decode_header(data)
         if self.peer_id is None:
             # Before binding accept only the OPEN meant for us (see module docstring).
             if kind != OPEN or dst != (self.my_id if self.initiator else 0):
@@ -235,14 +307,14 @@ class BleFraming:
             raise RemoteProtocolError("second OPEN on a link")
         if len(body) != _OPEN.size:
             raise RemoteProtocolError("malformed OPEN")
-        peer_id, window = _OPEN.unpack(body)
+        peer_id, window = decode_open(body)
         if peer_id == 0 or not 1 <= window <= MAX_WINDOW:
             raise RemoteProtocolError("OPEN with invalid link id or window")
         self.peer_id = peer_id
         self._peer_window = self._credits = window
         self._open_deadline = None
         if not self.initiator:
-            self._queue(OPEN, peer_id, _OPEN.pack(self.my_id, self.window))
+            self._queue(OPEN, peer_id, encode_open(self.my_id, self.window))
 
     def _data(self, body: bytes, now: float) -> None:
         if not body:
@@ -274,7 +346,7 @@ class BleFraming:
     # ---- internals ---------------------------------------------------------------
 
     def _frame(self, kind: int, dst: int, body: bytes) -> bytes:
-        frag = _HDR.pack(dst, kind << 14 | self._send_seq) + body
+        frag = encode_fragment(dst, kind, self._send_seq, body)
         self._send_seq = (self._send_seq + 1) % SEQ_MOD
         return frag
 

@@ -404,6 +404,8 @@ def test_pigeon_chat_command_runs_the_node_in_the_window(
     async def run_headless(self: PigeonApp) -> None:
         async with self.run_test(size=(80, 24)) as pilot:
             await until(pilot, lambda: on_main(self), what="main screen")
+            await until(pilot, lambda: "Bluetooth off" in screen_text(self),
+                        what="the Bluetooth line in the peer panel")
             seen["status"] = await asyncio.to_thread(
                 control.call, Profile(home).control_path, "status")
             seen["attached"] = self.client is not None and self.client.attached
@@ -411,9 +413,11 @@ def test_pigeon_chat_command_runs_the_node_in_the_window(
 
     monkeypatch.setattr(PigeonApp, "run_async", run_headless)
     log = tmp_path / "chat.log"
-    assert main(["--home", str(home), "chat", "--no-lan", "--no-bell", "--log", str(log)]) == 0
+    assert main(["--home", str(home), "chat", "--no-lan", "--no-ble", "--no-bell",
+                 "--log", str(log)]) == 0
     assert seen == {"status": seen["status"], "attached": False, "bell": False}
     assert seen["status"]["name"] == "sam"
+    assert seen["status"]["transports"] == {"ble": "off (--no-ble)"}
     assert not Profile(home).control_path.exists()
     assert log.stat().st_mode & 0o077 == 0
     lock = ProfileLock(Profile(home))

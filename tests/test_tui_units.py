@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from mesh import api
 from mesh.identity import Identity, decode_contact, encode_contact
-from tui.format import clock_time, later_state, sync_progress, transport_label
+from tui.format import bluetooth_line, clock_time, later_state, sync_progress, transport_label
 from tui.qr import qr_text
 from tui.safe import line, plain, sanitize
 
@@ -80,3 +80,13 @@ def test_sync_progress_and_transport_names() -> None:
     assert transport_label("\x1b[31mevil-transport") == "␛[31mevi"
     assert later_state(api.STATE_DELIVERED, api.STATE_QUEUED) == api.STATE_DELIVERED
     assert later_state("", api.STATE_RELAYED) == api.STATE_RELAYED
+
+
+def test_bluetooth_line_words_what_the_node_reports() -> None:
+    assert bluetooth_line("on: central and peripheral on /org/bluez/hci0") == "Bluetooth on"
+    assert bluetooth_line("on: central only (no peripheral role on darwin in this version)") \
+        == "Bluetooth on (others cannot find this laptop)"
+    assert bluetooth_line("off: no Bluetooth adapter") == "Bluetooth off: no Bluetooth adapter"
+    assert bluetooth_line("off (--no-ble)") == "Bluetooth off"
+    assert bluetooth_line("on: central only; scanning fails: adapter is powered off") \
+        == "Bluetooth: scanning fails: adapter is powered off"

@@ -88,6 +88,18 @@ def sync_progress(peers: Iterable[api.PeerInfo]) -> tuple[int, int] | None:
     return min(done, total), total
 
 
+def bluetooth_line(status: str) -> str:
+    """``on: central and peripheral on /org/bluez/hci0`` -> ``Bluetooth on``; an ``off``
+    or a scan failure keeps its reason (the peer panel wraps it)."""
+    state, _, rest = status.partition(":")
+    if state.startswith("on") and "scanning fails" in rest:
+        return "Bluetooth: scanning fails" + rest.split("scanning fails", 1)[1]
+    if state.startswith("on"):
+        return "Bluetooth on" + (" (others cannot find this laptop)"
+                                 if "central only" in rest else "")
+    return "Bluetooth off" + (f":{rest}" if rest else "")
+
+
 def peer_line(peer: api.PeerInfo) -> Content:
     """``LAN  192.168.4.17:7447``; sync state is shown once, in the progress bar below,
     and only a link still shaking hands is marked, since it is not usable yet."""

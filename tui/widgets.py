@@ -17,7 +17,7 @@ from textual.widgets import OptionList, ProgressBar, Static
 from textual.widgets.option_list import Option
 
 from mesh import api
-from tui.format import STATES, later_state, peer_line, sync_progress
+from tui.format import STATES, bluetooth_line, later_state, peer_line, sync_progress
 from tui.safe import line, plain
 
 MAX_ROWS = 500
@@ -210,6 +210,7 @@ class PeerPanel(Vertical):
         yield Static(id="sync-label")
         yield ProgressBar(id="sync-bar", show_eta=False, show_percentage=False)
         yield Static(id="carried")
+        yield Static(id="radios")
 
     def on_mount(self) -> None:
         self.show_peers([])
@@ -233,6 +234,15 @@ class PeerPanel(Vertical):
             else:
                 label.update(Content.styled("Syncing: comparing…", "$text-accent"))
                 bar.update(total=None)
+
+    def show_transports(self, transports: dict[str, str]) -> None:
+        """What optional radios do ("Bluetooth off: no adapter"), so nobody waits for a
+        BLE peer on a laptop that cannot have one. Nothing when the node says nothing."""
+        radios = self.query_one("#radios", Static)
+        ble = transports.get("ble")
+        radios.display = ble is not None
+        if ble is not None:
+            radios.update(line(bluetooth_line(ble), "$text-muted"))
 
     def show_carried(self, count: int | None) -> None:
         carried = self.query_one("#carried", Static)

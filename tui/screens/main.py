@@ -229,6 +229,7 @@ class MainScreen(Screen[None]):
         panel = self.query_one(PeerPanel)
         panel.show_peers(list(self.peers.values()))
         panel.show_carried(status.carried_for_others)
+        panel.show_transports(status.transports)
         self._show_topbar(status)
 
     # ---- node events ------------------------------------------------------------------

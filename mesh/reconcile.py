@@ -206,49 +206,52 @@ def encoded_size(message: ReconcileMessage) -> int:
     return size
 
 
-class _Reader:
-    """Bounded reads from a peer's message; every failure is a ``RemoteProtocolError``."""
+_TRUNCATED = "reconcile message truncated"
 
-    def __init__(self, data: bytes) -> None:
-        self.data, self.pos = data, 0
 
-    def take(self, n: int) -> bytes:
-        if n > len(self.data) - self.pos:
-            raise RemoteProtocolError("reconcile message truncated")
-        chunk = self.data[self.pos : self.pos + n]
-        self.pos += n
-        return chunk
-
-    def byte(self) -> int:
-        return self.take(1)[0]
-
-    def varint(self) -> int:
-        value = shift = 0
-        for i in range(5):
-            b = self.byte()
-            value |= (b & 0x7F) << shift
-            if not b & 0x80:
-                if b == 0 and i > 0:
-                    raise RemoteProtocolError("varint not in shortest form")
-                return value
-            shift += 7
-        raise RemoteProtocolError("varint too long")
+def _read_varint(data: bytes, pos: int) -> tuple[int, int]:
+    """A varint at ``pos``: (value, position after it). Unsigned LEB128, at most 5 bytes,
+    shortest form; every failure is a ``RemoteProtocolError``."""
+    value = shift = 0
+    end = len(data)
+    for i in range(5):
+        if pos >= end:
+            raise RemoteProtocolError(_TRUNCATED)
+        b = data[pos]
+        pos += 1
+        value |= (b & 0x7F) << shift
+        if not b & 0x80:
+            if b == 0 and i > 0:
+                raise RemoteProtocolError("varint not in shortest form")
+            return value, pos
+        shift += 7
+    raise RemoteProtocolError("varint too long")
 
 
 def decode_message(data: bytes) -> ReconcileMessage:
     """Parse ``encode_message`` output from a peer; checks structure and hard limits only.
 
     ``Reconciler.respond`` checks the rest (bounds increasing, ending at INFINITY, id budget).
-    Work and memory are linear in ``len(data)``.
+    Work and memory are linear in ``len(data)``. Written flat (one-byte varints inline, no
+    reader object) because a busy node decodes thousands of ranges per contact.
     """
-    reader = _Reader(data)
     ranges: list[Range] = []
-    prev_ts = 0
-    while reader.pos < len(data):
+    append = ranges.append
+    end = len(data)
+    pos = prev_ts = 0
+    skip, fingerprint_mode = Mode.SKIP, Mode.FINGERPRINT
+    while pos < end:
         if len(ranges) >= MAX_RANGES_PER_MESSAGE:
             raise RemoteProtocolError("too many ranges")
-        t = reader.varint()
-        head = reader.byte()
+        t = data[pos]
+        if t < 0x80:
+            pos += 1
+        else:
+            t, pos = _read_varint(data, pos)
+        if pos >= end:
+            raise RemoteProtocolError(_TRUNCATED)
+        head = data[pos]
+        pos += 1
         mode_value, prefix_len = head >> 5, head & 0x1F
         if mode_value > Mode.DIFF:
             raise RemoteProtocolError("unknown range mode")
@@ -262,28 +265,40 @@ def decode_message(data: bytes) -> ReconcileMessage:
             prev_ts += t - 1
             if prev_ts > MAX_TS:
                 raise RemoteProtocolError("bound time out of range")
-            upper = Bound(prev_ts, reader.take(prefix_len))
+            if prefix_len > end - pos:
+                raise RemoteProtocolError(_TRUNCATED)
+            upper = Bound(prev_ts, data[pos : pos + prefix_len])
+            pos += prefix_len
         mode = Mode(mode_value)
-        if mode == Mode.SKIP:
-            ranges.append(Range(upper, mode))
-        elif mode == Mode.FINGERPRINT:
-            ranges.append(Range(upper, mode, fingerprint=reader.take(ID_LEN), count=reader.varint()))
-        else:
-            n = reader.varint()
-            if n > MAX_IDS_PER_RANGE:
-                raise RemoteProtocolError("too many ids")
-            blob = reader.take(ID_LEN * n)
-            ids = tuple(blob[i : i + ID_LEN] for i in range(0, len(blob), ID_LEN))
-            missing: list[int] = []
-            if mode == Mode.DIFF:
-                m = reader.varint()
-                if m > MAX_IDS_PER_RANGE:
-                    raise RemoteProtocolError("too many positions")
-                position = -1
-                for _ in range(m):
-                    position += 1 + reader.varint()
-                    missing.append(position)
-            ranges.append(Range(upper, mode, ids=ids, missing=tuple(missing)))
+        if mode == skip:
+            append(Range(upper, mode))
+            continue
+        if mode == fingerprint_mode:
+            if ID_LEN > end - pos:
+                raise RemoteProtocolError(_TRUNCATED)
+            fingerprint = data[pos : pos + ID_LEN]
+            pos += ID_LEN
+            count, pos = _read_varint(data, pos)
+            append(Range(upper, mode, fingerprint=fingerprint, count=count))
+            continue
+        n, pos = _read_varint(data, pos)
+        if n > MAX_IDS_PER_RANGE:
+            raise RemoteProtocolError("too many ids")
+        if ID_LEN * n > end - pos:
+            raise RemoteProtocolError(_TRUNCATED)
+        ids = tuple(data[i : i + ID_LEN] for i in range(pos, pos + ID_LEN * n, ID_LEN))
+        pos += ID_LEN * n
+        missing: list[int] = []
+        if mode == Mode.DIFF:
+            m, pos = _read_varint(data, pos)
+            if m > MAX_IDS_PER_RANGE:
+                raise RemoteProtocolError("too many positions")
+            position = -1
+            for _ in range(m):
+                gap, pos = _read_varint(data, pos)
+                position += 1 + gap
+                missing.append(position)
+        append(Range(upper, mode, ids=ids, missing=tuple(missing)))
     return ReconcileMessage(tuple(ranges))
 
 
@@ -367,6 +382,13 @@ class _Item:
     #: When the peer's keys here are ours except these (indices into our keys), a DIFF that
     #: does not fit can be cut at any of our keys.
     extras: list[int] | None = None
+
+
+def _over_cap(ranges: Sequence[Range]) -> bool:
+    """Would the peer refuse this detail? (Ids or positions beyond ``MAX_IDS_PER_RANGE``
+    in one range: a DIFF can name more of our keys than that even when the bytes fit.)"""
+    return any(len(r.ids) > MAX_IDS_PER_RANGE or len(r.missing) > MAX_IDS_PER_RANGE
+               for r in ranges)
 
 
 class Reconciler:
@@ -622,6 +644,8 @@ class Reconciler:
         item.ranges = [self._diff(item.upper, extras, [])]
 
     def _diff(self, upper: Bound, extras: Sequence[int], missing: Sequence[int]) -> Range:
+        # May exceed MAX_IDS_PER_RANGE (our side of a range can hold any number of keys);
+        # ``_write`` cuts such a DIFF down before it goes out (``_over_cap``).
         return Range(upper, Mode.DIFF, ids=tuple(self._ids[j] for j in extras), missing=tuple(missing))
 
     # ---- writing -----------------------------------------------------------------------
@@ -768,12 +792,14 @@ class Reconciler:
             if item.kind == _Kind.SKIP:
                 add(Range(item.upper, Mode.SKIP))
                 continue
-            if (self._cost(item, detail) > room or len(detail) > slots) and slots >= 2:
+            if (self._cost(item, detail) > room or len(detail) > slots
+                    or _over_cap(detail)) and slots >= 2:
                 if item.extras is not None:
                     detail = self._partial_diff(item, room)
                 elif item.kind == _Kind.DETAIL or item.ranges[0].missing:
                     detail = self._coarse(item, room)
-            if self._cost(item, detail) <= room and 0 < len(detail) <= slots:
+            if self._cost(item, detail) <= room and 0 < len(detail) <= slots \
+                    and not _over_cap(detail):
                 pass
             elif 24 + len(item.upper.id_prefix) <= room and slots >= 1:
                 detail = [self._fingerprint_range(item.upper, item.lo, item.hi)]

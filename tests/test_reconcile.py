@@ -208,6 +208,18 @@ def test_100k_differing_by_100_among_the_newest(extra: str) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("empty", ["initiator", "responder"])
+def test_an_empty_newcomer_gets_100k_within_the_per_range_caps(empty: str) -> None:
+    """A relay holding 100k meets a newcomer. A DIFF names our keys in a range the peer
+    listed as empty: more than MAX_IDS_PER_RANGE of them can fit the bytes of one message,
+    and the peer would close the link ("too many ids"): it must go out in parts."""
+    keys = random_keys(random.Random(7), 100_000)
+    a, b = ([], keys) if empty == "initiator" else (keys, [])
+    conversation = converse(a, b)  # asserts every range within the caps
+    assert_exact(conversation, a, b)
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("sides", ["one", "two"])
 def test_100k_differing_by_1000_at_random(sides: str) -> None:
     """One-sided (the initiator lacks them, as in the benchmark) and split between the sides."""

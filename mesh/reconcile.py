@@ -206,52 +206,49 @@ def encoded_size(message: ReconcileMessage) -> int:
     return size
 
 
-_TRUNCATED = "reconcile message truncated"
+class _Reader:
+    """Bounded reads from a peer's message; every failure is a ``RemoteProtocolError``."""
 
+    def __init__(self, data: bytes) -> None:
+        self.data, self.pos = data, 0
 
-def _read_varint(data: bytes, pos: int) -> tuple[int, int]:
-    """A varint at ``pos``: (value, position after it). Unsigned LEB128, at most 5 bytes,
-    shortest form; every failure is a ``RemoteProtocolError``."""
-    value = shift = 0
-    end = len(data)
-    for i in range(5):
-        if pos >= end:
-            raise RemoteProtocolError(_TRUNCATED)
-        b = data[pos]
-        pos += 1
-        value |= (b & 0x7F) << shift
-        if not b & 0x80:
-            if b == 0 and i > 0:
-                raise RemoteProtocolError("varint not in shortest form")
-            return value, pos
-        shift += 7
-    raise RemoteProtocolError("varint too long")
+    def take(self, n: int) -> bytes:
+        if n > len(self.data) - self.pos:
+            raise RemoteProtocolError("reconcile message truncated")
+        chunk = self.data[self.pos : self.pos + n]
+        self.pos += n
+        return chunk
+
+    def byte(self) -> int:
+        return self.take(1)[0]
+
+    def varint(self) -> int:
+        value = shift = 0
+        for i in range(5):
+            b = self.byte()
+            value |= (b & 0x7F) << shift
+            if not b & 0x80:
+                if b == 0 and i > 0:
+                    raise RemoteProtocolError("varint not in shortest form")
+                return value
+            shift += 7
+        raise RemoteProtocolError("varint too long")
 
 
 def decode_message(data: bytes) -> ReconcileMessage:
     """Parse ``encode_message`` output from a peer; checks structure and hard limits only.
 
     ``Reconciler.respond`` checks the rest (bounds increasing, ending at INFINITY, id budget).
-    Work and memory are linear in ``len(data)``. Written flat (one-byte varints inline, no
-    reader object) because a busy node decodes thousands of ranges per contact.
+    Work and memory are linear in ``len(data)``.
     """
+    reader = _Reader(data)
     ranges: list[Range] = []
-    append = ranges.append
-    end = len(data)
-    pos = prev_ts = 0
-    skip, fingerprint_mode = Mode.SKIP, Mode.FINGERPRINT
-    while pos < end:
+    prev_ts = 0
+    while reader.pos < len(data):
         if len(ranges) >= MAX_RANGES_PER_MESSAGE:
             raise RemoteProtocolError("too many ranges")
-        t = data[pos]
-        if t < 0x80:
-            pos += 1
-        else:
-            t, pos = _read_varint(data, pos)
-        if pos >= end:
-            raise RemoteProtocolError(_TRUNCATED)
-        head = data[pos]
-        pos += 1
+        t = reader.varint()
+        head = reader.byte()
         mode_value, prefix_len = head >> 5, head & 0x1F
         if mode_value > Mode.DIFF:
             raise RemoteProtocolError("unknown range mode")
@@ -265,40 +262,28 @@ def decode_message(data: bytes) -> ReconcileMessage:
             prev_ts += t - 1
             if prev_ts > MAX_TS:
                 raise RemoteProtocolError("bound time out of range")
-            if prefix_len > end - pos:
-                raise RemoteProtocolError(_TRUNCATED)
-            upper = Bound(prev_ts, data[pos : pos + prefix_len])
-            pos += prefix_len
+            upper = Bound(prev_ts, reader.take(prefix_len))
         mode = Mode(mode_value)
-        if mode == skip:
-            append(Range(upper, mode))
-            continue
-        if mode == fingerprint_mode:
-            if ID_LEN > end - pos:
-                raise RemoteProtocolError(_TRUNCATED)
-            fingerprint = data[pos : pos + ID_LEN]
-            pos += ID_LEN
-            count, pos = _read_varint(data, pos)
-            append(Range(upper, mode, fingerprint=fingerprint, count=count))
-            continue
-        n, pos = _read_varint(data, pos)
-        if n > MAX_IDS_PER_RANGE:
-            raise RemoteProtocolError("too many ids")
-        if ID_LEN * n > end - pos:
-            raise RemoteProtocolError(_TRUNCATED)
-        ids = tuple(data[i : i + ID_LEN] for i in range(pos, pos + ID_LEN * n, ID_LEN))
-        pos += ID_LEN * n
-        missing: list[int] = []
-        if mode == Mode.DIFF:
-            m, pos = _read_varint(data, pos)
-            if m > MAX_IDS_PER_RANGE:
-                raise RemoteProtocolError("too many positions")
-            position = -1
-            for _ in range(m):
-                gap, pos = _read_varint(data, pos)
-                position += 1 + gap
-                missing.append(position)
-        append(Range(upper, mode, ids=ids, missing=tuple(missing)))
+        if mode == Mode.SKIP:
+            ranges.append(Range(upper, mode))
+        elif mode == Mode.FINGERPRINT:
+            ranges.append(Range(upper, mode, fingerprint=reader.take(ID_LEN), count=reader.varint()))
+        else:
+            n = reader.varint()
+            if n > MAX_IDS_PER_RANGE:
+                raise RemoteProtocolError("too many ids")
+            blob = reader.take(ID_LEN * n)
+            ids = tuple(blob[i : i + ID_LEN] for i in range(0, len(blob), ID_LEN))
+            missing: list[int] = []
+            if mode == Mode.DIFF:
+                m = reader.varint()
+                if m > MAX_IDS_PER_RANGE:
+                    raise RemoteProtocolError("too many positions")
+                position = -1
+                for _ in range(m):
+                    position += 1 + reader.varint()
+                    missing.append(position)
+            ranges.append(Range(upper, mode, ids=ids, missing=tuple(missing)))
     return ReconcileMessage(tuple(ranges))
 
 

@@ -58,11 +58,57 @@ async def test_no_adapter_means_off_said_once(tmp_path: Path,
     node = make_node(tmp_path, "alice", Clock())
     caplog.set_level(logging.INFO, logger="pigeon.ble")
     try:
-        service = await start_ble(node, probe=_probe_absent)
+        service = await start_ble(node, probe=_probe_absent, reprobe_s=0)
         assert service is None
         assert node.status().transports == {"ble": "off: no Bluetooth adapter"}
         warnings = [r for r in caplog.records if r.levelno >= logging.WARNING]
         assert len(warnings) == 1 and "no Bluetooth adapter" in warnings[0].getMessage()
+    finally:
+        await node.stop()
+
+
+async def test_an_adapter_that_appears_later_is_taken_up(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A relay runs for days: BLE off at start (no adapter), on once one is plugged in;
+    the probes in between are quiet (the same reason is not logged again)."""
+    world = BumbleWorld()
+    dev = await world.device("a")
+    scanner, client = bleak_backends(dev)
+    answers = [(None, "no Bluetooth adapter")] * 3 + [("hci1", "")]
+    calls = 0
+
+    async def probe() -> tuple[str | None, str]:
+        nonlocal calls
+        calls += 1
+        return answers[min(calls, len(answers)) - 1]
+
+    node = make_node(tmp_path, "alice", Clock())
+    caplog.set_level(logging.INFO, logger="pigeon.ble")
+    service = await start_ble(node, probe=probe, reprobe_s=0.05,
+                              peripheral_factory=lambda _a: BumblePeripheral(dev),
+                              scanner_backend=scanner, client_backend=client, **FAST)
+    try:
+        assert service is not None and service.central is None
+        assert node.status().transports["ble"] == "off: no Bluetooth adapter"
+        await wait_until(lambda: service.central is not None, 10)
+        assert calls == 4
+        assert node.status().transports["ble"] == "on: central and peripheral on hci1"
+        offs = [r for r in caplog.records if "Bluetooth LE off" in r.getMessage()]
+        assert len(offs) == 1
+        assert any("available now" in r.getMessage() for r in caplog.records)
+    finally:
+        await asyncio.wait_for(service.stop() if service else asyncio.sleep(0), 15)
+        await node.stop()
+
+
+async def test_stopping_while_waiting_for_an_adapter_is_prompt(tmp_path: Path) -> None:
+    node = make_node(tmp_path, "alice", Clock())
+    service = await start_ble(node, probe=_probe_absent, reprobe_s=30)
+    try:
+        assert service is not None
+        started = asyncio.get_running_loop().time()
+        await asyncio.wait_for(service.stop(), 5)
+        assert asyncio.get_running_loop().time() - started < 1
     finally:
         await node.stop()
 
@@ -73,7 +119,7 @@ async def test_probe_that_raises_is_reported_not_fatal(tmp_path: Path) -> None:
 
     node = make_node(tmp_path, "alice", Clock())
     try:
-        assert await start_ble(node, probe=broken) is None
+        assert await start_ble(node, probe=broken, reprobe_s=0) is None
         assert "D-Bus exploded" in node.status().transports["ble"]
     finally:
         await node.stop()

@@ -36,6 +36,8 @@ log = logging.getLogger("pigeon.ble")
 
 #: Concurrent BLE links, both roles together (laptop controllers manage 2-8; see docs/ble.md).
 DEFAULT_MAX_LINKS = 6
+#: With BLE off for want of an adapter, how often to look again (one D-Bus call).
+REPROBE_S = 30.0
 
 Probe = Callable[[], Awaitable[tuple[str | None, str]]]
 PeripheralFactory = Callable[[str], Peripheral]
@@ -84,17 +86,21 @@ class BleService:
                    for peer, link in self.server.links.items())
 
     async def stop(self) -> None:
-        if self.central is not None:
-            await self.central.stop()
-        if self._run is not None:
-            # The loop ends after its current scan; cancelling an OS scan mid-command is the
-            # fallback only (it can leave a stack's scan state behind).
-            limit = (self.central.scan_timeout if self.central else 0) + 2
-            with contextlib.suppress(BaseException):
-                await asyncio.wait_for(asyncio.shield(self._run), limit)
+        if self.central is None and self._run is not None:  # still waiting for an adapter
             self._run.cancel()
             with contextlib.suppress(BaseException):
                 await self._run
+        if self.central is not None:
+            await self.central.stop()
+            # The loop ends after its current scan; cancelling an OS scan mid-command is
+            # the fallback only (it can leave a stack's scan state behind).
+            run = self._run
+            if run is not None:
+                with contextlib.suppress(BaseException):
+                    await asyncio.wait_for(asyncio.shield(run), self.central.scan_timeout + 2)
+                run.cancel()
+                with contextlib.suppress(BaseException):
+                    await run
         if self.server is not None:
             with contextlib.suppress(Exception):
                 await self.server.stop()
@@ -112,29 +118,71 @@ def _default_peripheral(adapter: str) -> Peripheral:
     return BluezPeripheral(adapter)
 
 
+async def _probe_once(probe: Probe) -> tuple[str | None, str]:
+    try:
+        return await probe()
+    except Exception as exc:  # a probe must not take the node down
+        return None, f"Bluetooth probe failed: {exc}"
+
+
 async def start_ble(node: Node, *, max_links: int = DEFAULT_MAX_LINKS,
                     probe: Probe | None = None,
                     peripheral_factory: PeripheralFactory | None = None,
-                    platform: str = sys.platform, **central_options: Any) -> BleService | None:
-    """Start both BLE roles for a started node; None (said once, with why) if BLE is off.
+                    platform: str = sys.platform, reprobe_s: float = REPROBE_S,
+                    **central_options: Any) -> BleService | None:
+    """Start both BLE roles for a started node, or wait for an adapter.
+
+    With no usable adapter (no BlueZ, none powered on) BLE is off, said once with why; the
+    service then asks again every ``reprobe_s`` seconds (quietly) and starts the roles once
+    an adapter appears, so a relay left running for days picks up a dongle or a switch
+    flipped on. ``reprobe_s <= 0``: no waiting, None is returned instead.
 
     ``probe``, ``peripheral_factory`` and ``central_options`` (e.g. bleak ``scanner_backend``
     / ``client_backend``) are for tests and other platforms; the defaults use BlueZ on Linux.
     """
-    adapter: str | None = None
-    if platform.startswith("linux") or probe is not None:
-        try:
-            adapter, reason = await (probe or _default_probe)()
-        except Exception as exc:  # a probe must not take the node down
-            adapter, reason = None, f"Bluetooth probe failed: {exc}"
-        if adapter is None:
-            summary = f"off: {reason}"
-            log.warning("Bluetooth LE off: %s. LAN and --peer links still work.", reason)
-            node.set_transport_status("ble", summary)
-            return None
-
-    server: BlePeripheralServer | None = None
     service = BleService(node, None, None, "")
+    if not (platform.startswith("linux") or probe is not None):
+        await _start_roles(service, None, max_links=max_links, platform=platform,
+                           peripheral_factory=peripheral_factory, **central_options)
+        return service
+    probe = probe or _default_probe
+    adapter, reason = await _probe_once(probe)
+    if adapter is not None:
+        await _start_roles(service, adapter, max_links=max_links, platform=platform,
+                           peripheral_factory=peripheral_factory, **central_options)
+        return service
+    log.warning("Bluetooth LE off: %s. LAN and --peer links still work.", reason)
+    if reprobe_s <= 0:
+        node.set_transport_status("ble", f"off: {reason}")
+        return None
+    service.summary = f"off: {reason}"
+    node.set_transport_status("ble", service.status)
+
+    async def wait_for_adapter() -> None:
+        nonlocal reason
+        while True:
+            await asyncio.sleep(reprobe_s)
+            found, why = await _probe_once(probe)
+            if found is not None:
+                log.warning("Bluetooth LE: an adapter is available now (%s)", found)
+                await _start_roles(service, found, max_links=max_links, platform=platform,
+                                   peripheral_factory=peripheral_factory, **central_options)
+                return
+            if why != reason:
+                reason = why
+                log.info("Bluetooth LE still off: %s", why)
+                service.summary = f"off: {why}"
+
+    service._run = asyncio.ensure_future(wait_for_adapter())
+    return service
+
+
+async def _start_roles(service: BleService, adapter: str | None, *, max_links: int,
+                       platform: str, peripheral_factory: PeripheralFactory | None,
+                       **central_options: Any) -> None:
+    """Start the peripheral (where there is one) and the central's loop on ``service``."""
+    node = service.node
+    server: BlePeripheralServer | None = None
     if adapter is not None and (peripheral_factory is not None or platform.startswith("linux")):
         try:
             peripheral = (peripheral_factory or _default_peripheral)(adapter)
@@ -162,4 +210,3 @@ async def start_ble(node: Node, *, max_links: int = DEFAULT_MAX_LINKS,
     node.set_transport_status("ble", service.status)
     log.info("Bluetooth LE %s", service.summary)
     service._run = asyncio.ensure_future(central.run())
-    return service

@@ -84,9 +84,21 @@ async def vhci_controller(link: LocalLink) -> tuple[Controller, Transport]:
 
 
 async def _managed_objects(bus: MessageBus) -> dict[str, Any]:
-    reply = await asyncio.wait_for(bus.call(Message(
-        destination="org.bluez", path="/", interface="org.freedesktop.DBus.ObjectManager",
-        member="GetManagedObjects")), 5)
+    """BlueZ's objects, or {} while it is not up yet. Asks only once bluetoothd owns its
+    name: a call to an unowned name makes dbus-daemon try to activate it, which without
+    systemd can hang (seen under load: the 5 s call timed out and failed the run)."""
+    owner = await asyncio.wait_for(bus.call(Message(
+        destination="org.freedesktop.DBus", path="/org/freedesktop/DBus",
+        interface="org.freedesktop.DBus", member="NameHasOwner", signature="s",
+        body=["org.bluez"])), 5)
+    if owner.message_type is MessageType.ERROR or not owner.body or not owner.body[0]:
+        return {}
+    try:
+        reply = await asyncio.wait_for(bus.call(Message(
+            destination="org.bluez", path="/", interface="org.freedesktop.DBus.ObjectManager",
+            member="GetManagedObjects")), 10)
+    except TimeoutError:
+        return {}  # a slow emulated bluetoothd: the caller asks again until its deadline
     if reply.message_type is MessageType.ERROR:
         return {}
     objects = reply.body[0]

@@ -6,8 +6,9 @@ node is a central (bleak: scan, connect) and, where the OS allows it, a peripher
 
 * Linux: BlueZ over D-Bus. ``probe_bluez`` finds a powered adapter; the peripheral is
   ``BluezPeripheral`` (dbus-fast). No adapter, no BlueZ, no system bus: BLE is off and the
-  node says so once, with the reason. A peripheral BlueZ refuses (no advertising slots,
-  policy): the node runs as a central only and says so once.
+  node says so once, with the reason, then looks again every ``REPROBE_S``. A peripheral
+  BlueZ refuses (no advertising slots, policy): the node runs as a central only and says
+  so once.
 * macOS and Windows: bleak's central only (no peripheral implementation yet); said once.
 
 One link per pair: both nodes may see each other and both may dial. The central skips
@@ -63,7 +64,7 @@ class BleService:
         self.central = central
         self.server = server
         self.summary = summary
-        self._run: Any = None
+        self._run: asyncio.Task[None] | None = None
 
     def status(self) -> str:
         """For ``pigeon status``: the roles, and a scan failure while it lasts."""

@@ -47,13 +47,14 @@ from __future__ import annotations
 
 import math
 import operator
+import weakref
 from bisect import bisect_left
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from enum import IntEnum
-from functools import partial
 from hashlib import blake2b
-from itertools import accumulate, islice
+from itertools import accumulate, islice, repeat
+from typing import Literal
 
 from mesh.errors import LocalProtocolError, RemoteProtocolError
 
@@ -64,6 +65,7 @@ MAX_TS = 2**32 - 2  # 2**32 - 1 belongs to INFINITY
 MAX_RANGES_PER_MESSAGE = 4096
 MAX_IDS_PER_RANGE = 3000
 _MASK = (1 << 128) - 1
+_INFINITY_TS = 2**32 - 1
 _OPENING_RANGES = 6
 #: The opening's encoded size at most: with the frame header (4 bytes) and the length prefix
 #: (2) it is at most a 128-byte plaintext, one of the smallest padding classes.
@@ -100,6 +102,8 @@ class Bound:
     ts: int
     id_prefix: bytes
 
+
+_MODES = tuple(Mode)
 
 #: The top of the key space; every message's last range ends here.
 INFINITY = Bound(2**32 - 1, b"\xff" * ID_LEN)
@@ -150,17 +154,23 @@ def _gaps(positions: Sequence[int]) -> list[int]:
 
 def _range_size(prev_ts: int, r: Range) -> int:
     """Exact encoded size of ``r`` after a bound with time ``prev_ts``."""
-    if r.upper.ts == INFINITY.ts:
+    upper = r.upper
+    ts = upper.ts
+    if ts == _INFINITY_TS:
         size = 2
     else:
-        size = 1 + _varint_len(r.upper.ts - prev_ts + 1) + len(r.upper.id_prefix)
-    if r.mode == Mode.FINGERPRINT:
+        delta = ts - prev_ts + 1
+        size = (2 if delta < 0x80 else 1 + (delta.bit_length() + 6) // 7) + len(upper.id_prefix)
+    mode = r.mode
+    if mode == Mode.FINGERPRINT:
         return size + ID_LEN + _varint_len(r.count)
-    if r.mode == Mode.SKIP:
+    if mode == Mode.SKIP:
         return size
-    size += _varint_len(len(r.ids)) + ID_LEN * len(r.ids)
-    if r.mode == Mode.DIFF:
-        size += _varint_len(len(r.missing)) + sum(map(_varint_len, _gaps(r.missing)))
+    n = len(r.ids)
+    size += (1 if n < 0x80 else _varint_len(n)) + ID_LEN * n
+    if mode == Mode.DIFF:
+        missing = r.missing
+        size += _varint_len(len(missing)) + sum(map(_varint_len, _gaps(missing))) if missing else 1
     return size
 
 
@@ -174,23 +184,35 @@ def encode_message(message: ReconcileMessage) -> bytes:
     the previous one minus 1. Varints are unsigned LEB128, at most 5 bytes, shortest form.
     """
     out = bytearray()
+    append = out.append
     prev_ts = 0
+    fingerprint, idlist, diff = Mode.FINGERPRINT, Mode.IDLIST, Mode.DIFF
     for r in message.ranges:
-        if r.upper.ts == INFINITY.ts:
-            out += b"\x00"
+        upper, mode = r.upper, r.mode
+        ts = upper.ts
+        if ts == _INFINITY_TS:
+            append(0)
             prefix = b""
         else:
-            out += _varint(r.upper.ts - prev_ts + 1)
-            prev_ts, prefix = r.upper.ts, r.upper.id_prefix
-        out.append(int(r.mode) << 5 | len(prefix))
+            delta = ts - prev_ts + 1
+            if 0 <= delta < 0x80:
+                append(delta)
+            else:
+                out += _varint(delta)
+            prev_ts, prefix = ts, upper.id_prefix
+        append(int(mode) << 5 | len(prefix))
         out += prefix
-        if r.mode == Mode.FINGERPRINT:
+        if mode == fingerprint:
             out += r.fingerprint
             out += _varint(r.count)
-        elif r.mode in (Mode.IDLIST, Mode.DIFF):
-            out += _varint(len(r.ids))
-            out += b"".join(r.ids)
-            if r.mode == Mode.DIFF:
+        elif mode in (idlist, diff):
+            ids = r.ids
+            if len(ids) < 0x80:
+                append(len(ids))
+            else:
+                out += _varint(len(ids))
+            out += b"".join(ids)
+            if mode == diff:
                 out += _varint(len(r.missing))
                 out += b"".join(map(_varint, _gaps(r.missing)))
     return bytes(out)
@@ -206,49 +228,57 @@ def encoded_size(message: ReconcileMessage) -> int:
     return size
 
 
-class _Reader:
-    """Bounded reads from a peer's message; every failure is a ``RemoteProtocolError``."""
+_TRUNCATED = "reconcile message truncated"
+#: Messages built by ``decode_message`` (by identity), whose ranges are well-typed by
+#: construction: ``Reconciler._validate`` then checks only what decoding does not (order,
+#: budget, duplicates). Weak, so it holds nothing alive; the message is frozen, so the
+#: mark stays true.
+_DECODED: weakref.WeakValueDictionary[int, ReconcileMessage] = weakref.WeakValueDictionary()
 
-    def __init__(self, data: bytes) -> None:
-        self.data, self.pos = data, 0
 
-    def take(self, n: int) -> bytes:
-        if n > len(self.data) - self.pos:
-            raise RemoteProtocolError("reconcile message truncated")
-        chunk = self.data[self.pos : self.pos + n]
-        self.pos += n
-        return chunk
-
-    def byte(self) -> int:
-        return self.take(1)[0]
-
-    def varint(self) -> int:
-        value = shift = 0
-        for i in range(5):
-            b = self.byte()
-            value |= (b & 0x7F) << shift
-            if not b & 0x80:
-                if b == 0 and i > 0:
-                    raise RemoteProtocolError("varint not in shortest form")
-                return value
-            shift += 7
-        raise RemoteProtocolError("varint too long")
+def _read_varint(data: bytes, pos: int) -> tuple[int, int]:
+    """A varint at ``pos``: (value, position after it). Unsigned LEB128, at most 5 bytes,
+    shortest form; every failure is a ``RemoteProtocolError``."""
+    value = shift = 0
+    end = len(data)
+    for i in range(5):
+        if pos >= end:
+            raise RemoteProtocolError(_TRUNCATED)
+        b = data[pos]
+        pos += 1
+        value |= (b & 0x7F) << shift
+        if not b & 0x80:
+            if b == 0 and i > 0:
+                raise RemoteProtocolError("varint not in shortest form")
+            return value, pos
+        shift += 7
+    raise RemoteProtocolError("varint too long")
 
 
 def decode_message(data: bytes) -> ReconcileMessage:
     """Parse ``encode_message`` output from a peer; checks structure and hard limits only.
 
     ``Reconciler.respond`` checks the rest (bounds increasing, ending at INFINITY, id budget).
-    Work and memory are linear in ``len(data)``.
+    Work and memory are linear in ``len(data)``. Written flat (one-byte varints inline, no
+    reader object) because a busy node decodes thousands of ranges per contact.
     """
-    reader = _Reader(data)
     ranges: list[Range] = []
-    prev_ts = 0
-    while reader.pos < len(data):
+    append = ranges.append
+    end = len(data)
+    pos = prev_ts = 0
+    skip, fingerprint_mode = Mode.SKIP, Mode.FINGERPRINT
+    while pos < end:
         if len(ranges) >= MAX_RANGES_PER_MESSAGE:
             raise RemoteProtocolError("too many ranges")
-        t = reader.varint()
-        head = reader.byte()
+        t = data[pos]
+        if t < 0x80:
+            pos += 1
+        else:
+            t, pos = _read_varint(data, pos)
+        if pos >= end:
+            raise RemoteProtocolError(_TRUNCATED)
+        head = data[pos]
+        pos += 1
         mode_value, prefix_len = head >> 5, head & 0x1F
         if mode_value > Mode.DIFF:
             raise RemoteProtocolError("unknown range mode")
@@ -262,29 +292,44 @@ def decode_message(data: bytes) -> ReconcileMessage:
             prev_ts += t - 1
             if prev_ts > MAX_TS:
                 raise RemoteProtocolError("bound time out of range")
-            upper = Bound(prev_ts, reader.take(prefix_len))
-        mode = Mode(mode_value)
-        if mode == Mode.SKIP:
-            ranges.append(Range(upper, mode))
-        elif mode == Mode.FINGERPRINT:
-            ranges.append(Range(upper, mode, fingerprint=reader.take(ID_LEN), count=reader.varint()))
-        else:
-            n = reader.varint()
-            if n > MAX_IDS_PER_RANGE:
-                raise RemoteProtocolError("too many ids")
-            blob = reader.take(ID_LEN * n)
-            ids = tuple(blob[i : i + ID_LEN] for i in range(0, len(blob), ID_LEN))
-            missing: list[int] = []
-            if mode == Mode.DIFF:
-                m = reader.varint()
-                if m > MAX_IDS_PER_RANGE:
-                    raise RemoteProtocolError("too many positions")
-                position = -1
-                for _ in range(m):
-                    position += 1 + reader.varint()
-                    missing.append(position)
-            ranges.append(Range(upper, mode, ids=ids, missing=tuple(missing)))
-    return ReconcileMessage(tuple(ranges))
+            if prefix_len > end - pos:
+                raise RemoteProtocolError(_TRUNCATED)
+            upper = Bound(prev_ts, data[pos : pos + prefix_len])
+            pos += prefix_len
+        mode = _MODES[mode_value]
+        if mode == skip:
+            append(Range(upper, mode))
+            continue
+        if mode == fingerprint_mode:
+            if end - pos < ID_LEN:
+                raise RemoteProtocolError(_TRUNCATED)
+            fingerprint = data[pos : pos + ID_LEN]
+            pos += ID_LEN
+            count, pos = _read_varint(data, pos)
+            append(Range(upper, mode, fingerprint=fingerprint, count=count))
+            continue
+        n, pos = _read_varint(data, pos)
+        if n > MAX_IDS_PER_RANGE:
+            raise RemoteProtocolError("too many ids")
+        if ID_LEN * n > end - pos:
+            raise RemoteProtocolError(_TRUNCATED)
+        ids = ((data[pos : pos + ID_LEN],) if n == 1
+               else tuple(data[i : i + ID_LEN] for i in range(pos, pos + ID_LEN * n, ID_LEN)))
+        pos += ID_LEN * n
+        missing: list[int] = []
+        if mode == Mode.DIFF:
+            m, pos = _read_varint(data, pos)
+            if m > MAX_IDS_PER_RANGE:
+                raise RemoteProtocolError("too many positions")
+            position = -1
+            for _ in range(m):
+                gap, pos = _read_varint(data, pos)
+                position += 1 + gap
+                missing.append(position)
+        append(Range(upper, mode, ids=ids, missing=tuple(missing)))
+    message = ReconcileMessage(tuple(ranges))
+    _DECODED[id(message)] = message
+    return message
 
 
 # ---- reconciliation ----------------------------------------------------------------------
@@ -298,8 +343,12 @@ def _between(prev: _KeyTuple, key: _KeyTuple) -> Bound:
     """The shortest bound above ``prev`` and at or below ``key`` (bounds stay small)."""
     if prev[0] != key[0]:
         return Bound(key[0], b"")
-    i = next(i for i, (x, y) in enumerate(zip(prev[1], key[1], strict=True)) if x != y)
-    return Bound(key[0], key[1][: i + 1])
+    a, b = prev[1], key[1]
+    if len(a) != len(b) or a == b:
+        raise ValueError("keys must differ and have ids of one length")
+    # The first differing byte, from the highest set bit of the XOR (ids are big-endian here).
+    i = len(a) - 1 - ((int.from_bytes(a, "big") ^ int.from_bytes(b, "big")).bit_length() - 1) // 8
+    return Bound(key[0], b[: i + 1])
 
 
 def _bin(count: int) -> int:
@@ -418,8 +467,8 @@ class Reconciler:
         if len(self._id_set) != len(self._ids):
             raise LocalProtocolError("an id appears under two timestamps")
         # Prefix sums make any range's fingerprint two lookups and one hash.
-        to_int = partial(int.from_bytes, byteorder="little")
-        self._sums = [0, *accumulate(map(to_int, self._ids))]
+        little: Literal["little"] = "little"
+        self._sums = [0, *accumulate(map(int.from_bytes, self._ids, repeat(little)))]
         self._budget = max_message_bytes
         self._branching = branching
         # A list always fits in half a message, leaving room for everything else.
@@ -468,8 +517,10 @@ class Reconciler:
         gaps: list[tuple[int, int]] = []  # (their count - ours, ours) where fingerprints differ
         self._tests_left = _SINGLE_TEST_BUDGET
         lo, lower = 0, _BOTTOM
+        keys = self._keys
         for r in ranges:
-            item = _Item(lo, bisect_left(self._keys, _key(r.upper), lo), lower, r.upper)
+            upper = r.upper
+            item = _Item(lo, bisect_left(keys, (upper.ts, upper.id_prefix), lo), lower, upper)
             if r.mode == Mode.FINGERPRINT:
                 same = r.count == item.hi - item.lo and self._fingerprint(item.lo, item.hi) == r.fingerprint
                 counts.setdefault(_bin(item.hi - item.lo), [0, 0])[0 if same else 1] += 1
@@ -482,7 +533,7 @@ class Reconciler:
                 self._on_diff(item, r)
             items.append(item)
             lo, lower = item.hi, r.upper
-        fixed = 8 * len(items) + sum(self._cost(i, i.ranges) for i in items)
+        fixed = 8 * len(items) + sum(self._cost(i, i.ranges) for i in items if i.ranges)
         details = [i for i in items if i.kind == _Kind.DETAIL]
         self._plan(details, max(_estimate_density(counts), _gap_density(gaps)), fixed)
         return self._write(items)
@@ -508,6 +559,8 @@ class Reconciler:
             raise RemoteProtocolError("too many ranges")
         prev: _KeyTuple | None = None
         total_ids = 0
+        if _DECODED.get(id(message)) is message:
+            return self._validate_decoded(ranges)
         for r in ranges:
             if not isinstance(r, Range) or not isinstance(r.upper, Bound):
                 raise RemoteProtocolError("malformed range")
@@ -540,17 +593,44 @@ class Reconciler:
                 raise RemoteProtocolError("fingerprint must be 16 bytes")
             if not 0 <= r.count < 2**35:
                 raise RemoteProtocolError("count out of range")
-            total_ids += len(ids) + len(r.missing)
-            if max(len(ids), len(r.missing)) > MAX_IDS_PER_RANGE or total_ids > self._max_ids:
+            missing = r.missing
+            if not ids and not missing:
+                continue  # most ranges: nothing below applies (checked fast, same outcome)
+            total_ids += len(ids) + len(missing)
+            if max(len(ids), len(missing)) > MAX_IDS_PER_RANGE or total_ids > self._max_ids:
                 raise RemoteProtocolError("too many ids")
             if not all(type(i) is bytes and len(i) == ID_LEN for i in ids):
                 raise RemoteProtocolError("ids must be 16 bytes")
-            if len(set(ids)) != len(ids):
+            if len(ids) > 1 and len(set(ids)) != len(ids):
                 raise RemoteProtocolError("duplicate id in range")
-            if not all(type(p) is int for p in r.missing) or not all(
-                p < q for p, q in zip([-1, *r.missing], r.missing, strict=False)
-            ):
+            if missing and (not all(type(p) is int for p in missing) or not all(
+                p < q for p, q in zip([-1, *missing], missing, strict=False)
+            )):
                 raise RemoteProtocolError("positions must increase")
+        if prev != _key(INFINITY):
+            raise RemoteProtocolError("last range does not end at infinity")
+        return ranges
+
+    def _validate_decoded(self, ranges: Sequence[Range]) -> Sequence[Range]:
+        """``_validate`` for a message from ``decode_message``: the same outcome, without
+        the type, mode, payload, length and position checks that decoding already made."""
+        prev: _KeyTuple | None = None
+        total_ids = 0
+        max_ids = self._max_ids
+        for r in ranges:
+            upper = r.upper
+            key = (upper.ts, upper.id_prefix)
+            if prev is not None and key <= prev:
+                raise RemoteProtocolError("bounds not increasing")
+            prev = key
+            ids = r.ids
+            if not ids and not r.missing:
+                continue
+            total_ids += len(ids) + len(r.missing)
+            if total_ids > max_ids:
+                raise RemoteProtocolError("too many ids")
+            if len(ids) > 1 and len(set(ids)) != len(ids):
+                raise RemoteProtocolError("duplicate id in range")
         if prev != _key(INFINITY):
             raise RemoteProtocolError("last range does not end at infinity")
         return ranges
@@ -565,6 +645,9 @@ class Reconciler:
     def _on_list(self, item: _Item, ids: Sequence[bytes]) -> None:
         """Resolve the peer's complete list for ``item`` and answer with the difference."""
         lo, hi = item.lo, item.hi
+        if len(ids) == hi - lo and all(map(operator.eq, ids, self._ids[lo:hi])):
+            item.peer_count = len(ids)  # the common case: the same list, nothing to say
+            return
         position = {self._ids[j]: j for j in range(lo, hi)}
         missing: list[int] = []
         last = -1
@@ -634,6 +717,16 @@ class Reconciler:
         return Range(upper, Mode.DIFF, ids=tuple(self._ids[j] for j in extras), missing=tuple(missing))
 
     # ---- writing -----------------------------------------------------------------------
+
+    @staticmethod
+    def _sizes(item: _Item, ranges: Sequence[Range]) -> list[int]:
+        """Exact size of each of ``ranges`` written for ``item`` (after ``item.lower``)."""
+        sizes, prev_ts = [], item.lower.ts
+        for r in ranges:
+            sizes.append(_range_size(prev_ts, r))
+            if r.upper.ts != _INFINITY_TS:
+                prev_ts = r.upper.ts
+        return sizes
 
     @staticmethod
     def _cost(item: _Item, ranges: Sequence[Range]) -> int:
@@ -759,10 +852,11 @@ class Reconciler:
         out: list[Range] = []
         sizes: list[int] = []
         size, asks = 0, False
+        skip = Mode.SKIP
 
         def add(r: Range) -> None:
             nonlocal size
-            if r.mode == Mode.SKIP and out and out[-1].mode == Mode.SKIP:
+            if r.mode == skip and out and out[-1].mode == skip:
                 out.pop()
                 size -= sizes.pop()
             prev_ts = out[-1].upper.ts if out else 0
@@ -770,30 +864,52 @@ class Reconciler:
             sizes.append(_range_size(prev_ts, r))
             size += sizes[-1]
 
+        # ``out`` always ends at the previous item's upper bound (= this item's ``lower``),
+        # so a detail's sizes from ``_sizes`` are the sizes ``add`` would compute.
         for item in items:
             room = self._budget - _RESERVE - size
             slots = MAX_RANGES_PER_MESSAGE - len(out) - 2
             detail = item.ranges
-            if item.kind == _Kind.SKIP:
-                add(Range(item.upper, Mode.SKIP))
+            if item.kind == _Kind.SKIP:  # ``add`` inlined: most items are skips
+                if out and out[-1].mode == skip:
+                    out.pop()
+                    size -= sizes.pop()
+                prev_ts = out[-1].upper.ts if out else 0
+                upper = item.upper
+                if upper.ts == _INFINITY_TS:
+                    cost = 2
+                else:
+                    delta = upper.ts - prev_ts + 1
+                    cost = (2 if delta < 0x80 else 1 + (delta.bit_length() + 6) // 7) + len(upper.id_prefix)
+                out.append(Range(upper, skip))
+                sizes.append(cost)
+                size += cost
                 continue
-            if (self._cost(item, detail) > room or len(detail) > slots
-                    or _over_cap(detail)) and slots >= 2:
+            detail_sizes = self._sizes(item, detail)
+            # Only a DIFF we resolved can exceed the per-range caps; what ``_detail``,
+            # ``_coarse`` and ``_partial_diff`` build stays within them.
+            ready = item.kind == _Kind.READY
+            if (sum(detail_sizes) > room or len(detail) > slots
+                    or (ready and _over_cap(detail))) and slots >= 2:
                 if item.extras is not None:
                     detail = self._partial_diff(item, room)
+                    detail_sizes = self._sizes(item, detail)
                 elif item.kind == _Kind.DETAIL or item.ranges[0].missing:
                     detail = self._coarse(item, room)
-            if self._cost(item, detail) <= room and 0 < len(detail) <= slots \
-                    and not _over_cap(detail):
+                    detail_sizes = self._sizes(item, detail)
+            if sum(detail_sizes) <= room and 0 < len(detail) <= slots \
+                    and not (ready and detail is item.ranges and _over_cap(detail)):
                 pass
             elif 24 + len(item.upper.id_prefix) <= room and slots >= 1:
                 detail = [self._fingerprint_range(item.upper, item.lo, item.hi)]
+                detail_sizes = self._sizes(item, detail)
             else:
                 add(self._fingerprint_range(INFINITY, item.lo, len(self._keys)))
                 asks = True
                 break
-            for r in detail:
-                add(r)
+            out.extend(detail)
+            sizes.extend(detail_sizes)
+            size += sum(detail_sizes)
             asks = asks or any(r.mode in (Mode.FINGERPRINT, Mode.IDLIST) for r in detail)
         self._finished = not asks
         if not asks and all(r.mode == Mode.SKIP for r in out):

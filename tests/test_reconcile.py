@@ -12,7 +12,7 @@ sync 1 round trip ~350 B; n=100k d=100 newest 3 round trips ~3.2 KB; n=100k d=10
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from hashlib import blake2b
 from typing import Any
 
@@ -578,3 +578,59 @@ def test_random_bytes_decode_or_raise_a_remote_error(data: bytes) -> None:
 def test_bad_layouts_are_remote_errors(data: bytes, reason: str) -> None:
     with pytest.raises(RemoteProtocolError, match=reason):
         decode_message(data)
+
+
+def _outcome(keys: list[Key], message: ReconcileMessage, budget: int) -> tuple[Any, ...]:
+    side = Reconciler(keys, max_message_bytes=budget)
+    try:
+        reply = side.respond(message)
+    except RemoteProtocolError as exc:
+        return ("error", exc.reason)
+    return ("reply", None if reply is None else encode_message(reply), side.have, side.need)
+
+
+def test_decoded_messages_get_the_same_verdict_as_the_full_checks() -> None:
+    """A message from ``decode_message`` skips the type checks decoding already made; for any
+    bytes, damaged or not, the reply or the error must be what the full checks give."""
+    rng = random.Random(11)
+    compared = errors = 0
+    for _ in range(40):
+        keys = random_keys(rng, rng.randrange(0, 300), ts_span=64)
+        a = [k for k in keys if rng.random() < 0.8]
+        b = [k for k in keys if rng.random() < 0.8]
+        message: ReconcileMessage | None = Reconciler(a, max_message_bytes=4000).initiate()
+        sides, turn = [Reconciler(b, max_message_bytes=4000), Reconciler(a, max_message_bytes=4000)], 0
+        while message is not None and turn < 12:
+            data = encode_message(message)
+            for _ in range(10):
+                damaged = bytearray(data)
+                spot = rng.randrange(len(damaged) + 1)
+                ranges = list(message.ranges)
+                listing = [i for i, r in enumerate(ranges) if r.ids]
+                if listing and rng.random() < 0.3:  # an id twice in one range
+                    i = rng.choice(listing)
+                    ids = ranges[i].ids
+                    ranges[i] = replace(ranges[i], ids=(*ids, ids[rng.randrange(len(ids))]))
+                    damaged = bytearray(encode_message(ReconcileMessage(tuple(ranges))))
+                elif len(ranges) > 2 and rng.random() < 0.3:  # a bound repeated
+                    i = rng.randrange(len(ranges) - 2)
+                    ranges[i + 1] = replace(ranges[i + 1], upper=ranges[i].upper)
+                    damaged = bytearray(encode_message(ReconcileMessage(tuple(ranges))))
+                elif rng.random() < 0.5 and len(damaged) > 40:  # repeat some bytes
+                    start = rng.randrange(len(damaged) - 16)
+                    damaged[spot:spot] = damaged[start:start + 16]
+                else:
+                    damaged[spot:spot + 1] = bytes([rng.randrange(256)])
+                try:
+                    decoded = decode_message(bytes(damaged))
+                except RemoteProtocolError:
+                    continue
+                ours = (b, a)[turn % 2]
+                budget = rng.choice([1024, 4000])  # 1024: some messages carry too many ids
+                fast = _outcome(ours, decoded, budget)
+                assert fast == _outcome(ours, ReconcileMessage(tuple(decoded.ranges)), budget)
+                compared += 1
+                errors += fast[0] == "error"
+            message = sides[turn % 2].respond(decode_message(data))
+            turn += 1
+    assert compared > 500 and 20 < errors < compared

@@ -326,3 +326,41 @@ def test_cli_reports_a_bad_trace_line(capsys: pytest.CaptureFixture[str], tmp_pa
     trace.write_text("0 CONN 0 1 up\n5 CONN 0 1 maybe\n")
     assert main(["sim", "--trace", str(trace), "--duration", "60"]) == 2
     assert "line 2: expected 'up' or 'down'" in capsys.readouterr().err
+
+
+# ---- speed shortcuts change nothing ---------------------------------------------------------
+
+
+def test_decoded_reconcile_messages_skip_only_checks_decoding_made(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``Reconciler`` checks a message that ``decode_message`` built with a shorter validator
+    (the simulator's hottest path). A run where every message takes the full ``_validate``
+    instead must come out identical to the byte and the second."""
+    import mesh.reconcile as reconcile
+
+    contacts, messages = _scenario(1)
+    config = SimConfig(duration=1800, policy="pigeon")
+    shortcuts = 0
+    real_shortcut = reconcile.Reconciler._validate_decoded
+
+    def counted(self: reconcile.Reconciler, ranges: object) -> object:
+        nonlocal shortcuts
+        shortcuts += 1
+        return real_shortcut(self, ranges)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(reconcile.Reconciler, "_validate_decoded", counted)
+    fast = Simulation(config, nodes=10, contacts=contacts, messages=messages).run()
+    assert shortcuts > 100  # the shortcut really ran
+
+    class Forgetful(dict[int, object]):
+        def __setitem__(self, key: int, value: object) -> None:
+            pass  # nothing is marked as decoded: every message gets the full checks
+
+    monkeypatch.setattr(reconcile, "_DECODED", Forgetful())
+    shortcuts = 0
+    full = Simulation(config, nodes=10, contacts=contacts, messages=messages).run()
+    assert shortcuts == 0
+    assert fast.summary() == full.summary()
+    assert (fast.wire_bytes, fast.latencies, fast.hopcounts, fast.delivery_times) == (
+        full.wire_bytes, full.latencies, full.hopcounts, full.delivery_times)

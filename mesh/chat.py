@@ -10,6 +10,7 @@ from __future__ import annotations
 import secrets
 import sqlite3
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -202,12 +203,18 @@ def seal_message(store: Store, identity: Identity, conversation: str, text: str,
                          receipt_hash=rhash, now=now)
 
 
-def store_sealed(store: Store, sealed: SealedMessage) -> None:
-    """Write a sealed message to the sync set and the outbox. Inside ``store.batch()`` it
-    commits with the batch; raises ``sqlite3.Error`` on disk trouble."""
-    store.add_envelope(sealed.envelope, now=sealed.now, origin="self", local=True)
-    store.outbox_add(sealed.msg_id, contact=sealed.label, text=sealed.text, now=sealed.now,
-                     receipt_hash=sealed.receipt_hash)
+def store_sealed(store: Store, batch: Sequence[SealedMessage]) -> None:
+    """Write sealed messages to the sync set and the outbox in one durable transaction
+    (one fsync for a whole burst); on disk trouble nothing is stored and ``UserError``
+    says so."""
+    try:
+        with store.batch():
+            for sealed in batch:
+                store.add_envelope(sealed.envelope, now=sealed.now, origin="self", local=True)
+                store.outbox_add(sealed.msg_id, contact=sealed.label, text=sealed.text,
+                                 now=sealed.now, receipt_hash=sealed.receipt_hash)
+    except sqlite3.Error as exc:
+        raise UserError(f"could not save the message ({exc}); is the disk full?") from None
 
 
 def queue_message(store: Store, identity: Identity, conversation: str, text: str, *,
@@ -215,11 +222,7 @@ def queue_message(store: Store, identity: Identity, conversation: str, text: str
                   ) -> tuple[str, Envelope]:
     """Seal and store a message to a contact (``name``) or a channel (``#name``)."""
     sealed = seal_message(store, identity, conversation, text, now=now, ttl_s=ttl_s, hops=hops)
-    try:
-        with store.batch():
-            store_sealed(store, sealed)
-    except sqlite3.Error as exc:
-        raise UserError(f"could not save the message ({exc}); is the disk full?") from None
+    store_sealed(store, [sealed])
     return sealed.msg_id, sealed.envelope
 
 

@@ -48,7 +48,6 @@ DEFAULT_LISTEN = "0.0.0.0:7447"
 #: either (IPv6 link-local needs it).
 DEFAULT_LISTEN_ADDR = ("", 7447)
 WIPED = -1
-LOCK_WAIT_S = 5.0
 
 
 def _passphrase(args: argparse.Namespace) -> bytes | None:
@@ -77,25 +76,22 @@ def _local_or_remote(profile: Profile) -> Iterator[Store | None]:
     """Yields an open Store while holding the profile lock, or None if a node runs."""
     if not profile.exists():
         raise UserError(f"no identity in {profile.home}; run 'pigeon init --name NAME' first")
-    deadline = time.monotonic() + LOCK_WAIT_S
-    while True:
-        lock = ProfileLock(profile)
-        if lock.try_acquire():
-            try:
-                store = Store.open(profile.store_path)
-                try:
-                    yield store
-                finally:
-                    store.close()
-            finally:
-                lock.release()
-            return
-        if control.reachable(profile.control_path):
-            yield None
-            return
-        if time.monotonic() > deadline:
-            raise UserError("the profile is locked by another process that does not answer")
-        time.sleep(0.1)
+    lock = ProfileLock(profile)
+    try:
+        held = control.claim_profile(lock, profile.control_path)
+    except TimeoutError:
+        raise UserError("the profile is locked by another process that does not answer") from None
+    if not held:
+        yield None
+        return
+    try:
+        store = Store.open(profile.store_path)
+        try:
+            yield store
+        finally:
+            store.close()
+    finally:
+        lock.release()
 
 
 def _print(args: argparse.Namespace, data: Any, human: Callable[[Any], str]) -> None:
@@ -225,13 +221,12 @@ def cmd_status(args: argparse.Namespace, profile: Profile) -> int:
 def cmd_relay(args: argparse.Namespace, profile: Profile) -> int:
     identity = _load_identity(profile, args)
     lock = ProfileLock(profile)
-    # A short CLI command (send, inbox...) may hold the lock for a moment; a node holds
-    # it for good and answers on its control socket.
-    deadline = time.monotonic() + LOCK_WAIT_S
-    while not lock.try_acquire():
-        if control.reachable(profile.control_path) or time.monotonic() > deadline:
-            raise UserError(f"a node already runs on {profile.home}")
-        time.sleep(0.1)
+    try:
+        held = control.claim_profile(lock, profile.control_path)
+    except TimeoutError:
+        held = False
+    if not held:
+        raise UserError(f"a node already runs on {profile.home}")
     try:
         listen = [parse_hostport(x) for x in args.listen] if args.listen else [DEFAULT_LISTEN_ADDR]
         peers = [parse_hostport(x) for x in args.peer]

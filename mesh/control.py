@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import socket
+import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -24,8 +25,27 @@ from mesh.errors import UserError
 
 if TYPE_CHECKING:
     from mesh.node import Node
+    from mesh.profile import ProfileLock
 
 log = logging.getLogger("pigeon.control")
+
+#: How long a command waits for a profile lock held by something that does not answer.
+LOCK_WAIT_S = 5.0
+
+
+def claim_profile(lock: ProfileLock, control_path: Path, wait_s: float = LOCK_WAIT_S) -> bool:
+    """Take the profile lock (True), or find the node holding it (False: it answers on its
+    control socket). A short CLI command may hold the lock for a moment, so a taken lock is
+    retried for ``wait_s`` seconds; after that, ``TimeoutError``."""
+    deadline = time.monotonic() + wait_s
+    while not lock.try_acquire():
+        if reachable(control_path):
+            return False
+        if time.monotonic() > deadline:
+            raise TimeoutError("profile lock held by a process that does not answer")
+        time.sleep(0.1)
+    return True
+
 
 MAX_LINE = 1 << 20
 #: Requests one connection may have outstanding; reading pauses beyond it (backpressure).

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from mesh.transports.base import Link
-from mesh.transports.tcp import connect_tcp
+from mesh.transports.tcp import connect_tcp, format_addr
 
 log = logging.getLogger("pigeon.lan")
 
@@ -99,7 +99,7 @@ class Candidate:
 
     @property
     def address(self) -> str:
-        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+        return format_addr((self.host, self.port))
 
     def busy(self) -> bool:
         return self.in_flight or self.linked
@@ -297,10 +297,8 @@ class CandidateTable:
             cand.proven_until = now + RETURN_WINDOW_S
             cand.failures = 0
             cand.next_try = now + RETURN_DELAY_S * self._jitter()
-        else:
-            cand.failures += 1
-            delay = min(BACKOFF_MAX_S, BACKOFF_INITIAL_S * 2.0 ** min(cand.failures - 1, 16))
-            cand.next_try = now + delay * self._jitter()
+        else:  # never proven: an ordinary failed attempt
+            self.attempt_failed(cand, now)
         return False
 
 

@@ -61,6 +61,31 @@ _MUTABLE = struct.Struct("!BI8s")
 _RECEIPT = struct.Struct("!16sI")
 HEADER_LEN = _FIXED.size  # 28
 MUTABLE_LEN = _MUTABLE.size  # 13
+#: ``ttl_s`` inside the immutable header (after version, kind, created_min).
+_TTL_S_AT = struct.calcsize("!BBI")
+_TTL_S = struct.Struct("!I")
+#: ``hops_left`` u8 then ``ttl_left_s`` u32: the stamp after them is not touched.
+_HOPS_TTL = struct.Struct("!BI")
+
+
+def mutable_bytes(hops_left: int, ttl_left_s: int, stamp: bytes) -> bytes:
+    """The per-hop tail of an envelope's bytes."""
+    return _MUTABLE.pack(hops_left, ttl_left_s, stamp)
+
+
+def ttl_s_of(data: bytes) -> int:
+    """``ttl_s`` of stored envelope bytes, without parsing the rest."""
+    (ttl_s,) = _TTL_S.unpack_from(data, _TTL_S_AT)
+    return int(ttl_s)
+
+
+def patch_mutable(data: bytes, *, hops_left: int, ttl_left_s: int) -> bytes:
+    """Stored envelope bytes with ``hops_left`` and ``ttl_left_s`` replaced, the stamp kept:
+    five bytes patched instead of parsing and re-encoding an envelope whose bytes were
+    checked when they were stored."""
+    at = len(data) - MUTABLE_LEN
+    return b"".join((data[:at], _HOPS_TTL.pack(hops_left, ttl_left_s),
+                     data[at + _HOPS_TTL.size:]))
 RECEIPT_LEN = _RECEIPT.size  # 20
 MAX_ENVELOPE_LEN = HEADER_LEN + MAX_BODY + MUTABLE_LEN
 
@@ -108,7 +133,7 @@ class Envelope:
         return _blake(self.immutable_bytes, b"pigeon-env-id")
 
     def to_bytes(self) -> bytes:
-        return self.immutable_bytes + _MUTABLE.pack(self.hops_left, self.ttl_left_s, self.stamp)
+        return self.immutable_bytes + mutable_bytes(self.hops_left, self.ttl_left_s, self.stamp)
 
     @property
     def size(self) -> int:
@@ -118,12 +143,17 @@ class Envelope:
         self, *, hops_left: int | None = None, ttl_left_s: int | None = None,
         stamp: bytes | None = None,
     ) -> Envelope:
-        return replace(
+        new = replace(
             self,
             hops_left=self.hops_left if hops_left is None else hops_left,
             ttl_left_s=self.ttl_left_s if ttl_left_s is None else ttl_left_s,
             stamp=self.stamp if stamp is None else stamp,
         )
+        # The immutable part is unchanged: keep its bytes and id rather than hash again.
+        for cached in ("immutable_bytes", "id"):
+            if cached in self.__dict__:
+                new.__dict__[cached] = self.__dict__[cached]
+        return new
 
     @property
     def stamp_bits(self) -> int:

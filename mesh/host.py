@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from collections.abc import Awaitable, Callable
 from typing import Any, Literal, Protocol
 
@@ -30,7 +29,6 @@ from mesh.store import Store
 
 log = logging.getLogger("pigeon.chat")
 
-LOCK_WAIT_S = 5.0
 
 
 class Stoppable(Protocol):
@@ -46,7 +44,7 @@ class ChatHost:
 
     def __init__(self, profile: Profile, config: NodeConfig, *,
                  passphrase: bytes | None = None, extras: list[Extra] | None = None,
-                 lock_wait_s: float = LOCK_WAIT_S) -> None:
+                 lock_wait_s: float = control.LOCK_WAIT_S) -> None:
         self.profile = profile
         self.config = config
         self.passphrase = passphrase
@@ -71,17 +69,14 @@ class ChatHost:
         """Take the profile lock or find the relay holding it; load a plain (or
         ``--passphrase-env``) key now, so a wrong passphrase fails before the UI starts."""
         self.profile.ensure()
-        deadline = time.monotonic() + self.lock_wait_s
-        while not self._lock.try_acquire():
-            # A short CLI command may hold the lock for a moment; a relay holds it for good
-            # and answers on its control socket.
-            if control.reachable(self.profile.control_path):
-                self.attached = True
-                return
-            if time.monotonic() > deadline:
-                raise UserError(f"the profile {self.profile.home} is locked by another process "
-                                "that does not answer")
-            time.sleep(0.1)
+        try:
+            held = control.claim_profile(self._lock, self.profile.control_path, self.lock_wait_s)
+        except TimeoutError:
+            raise UserError(f"the profile {self.profile.home} is locked by another process "
+                            "that does not answer") from None
+        if not held:  # a relay holds it for good and answers on its control socket
+            self.attached = True
+            return
         try:
             if self.profile.exists() and (self.passphrase is not None
                                           or not is_encrypted(self.profile.identity_path)):

@@ -619,14 +619,23 @@ class Node:
     def send(self, conversation: str, text: str) -> str:
         """Seal ``text`` to a contact (or ``#channel``), store it durably and push it to
         every live link. Returns the message id (hex)."""
-        msg_id, env = chat.queue_message(self.store, self.identity, conversation, text,
-                                         now=self.clock(), ttl_s=self.config.ttl_s,
-                                         hops=self.config.hops)
-        self._offer([env.id])
-        log.info("queued %s", msg_id[:12])
-        # Every window on this node learns of it, also when another process sent it.
-        self._publish(api.MessageStateChanged(id=msg_id, state=api.STATE_QUEUED))
-        return msg_id
+        sealed = self._seal(conversation, text)
+        chat.store_sealed(self.store, [sealed])
+        self._announce_queued([sealed])
+        return sealed.msg_id
+
+    def _seal(self, conversation: str, text: str) -> chat.SealedMessage:
+        return chat.seal_message(self.store, self.identity, conversation, text,
+                                 now=self.clock(), ttl_s=self.config.ttl_s,
+                                 hops=self.config.hops)
+
+    def _announce_queued(self, batch: list[chat.SealedMessage]) -> None:
+        """Stored durably: offer to every live link, and tell every window on this node
+        (also when another process sent it)."""
+        self._offer([sealed.envelope.id for sealed in batch])
+        _log_ids("queued %s", [sealed.msg_id for sealed in batch])
+        for sealed in batch:
+            self._publish(api.MessageStateChanged(id=sealed.msg_id, state=api.STATE_QUEUED))
 
     async def send_grouped(self, conversation: str, text: str) -> str:
         """``send`` with group commit: every send made in the same event-loop turn (a
@@ -637,9 +646,7 @@ class Node:
         Sealing happens here, at once, so a bad contact or text raises before anything
         is queued; a disk error fails every send of that commit with a ``UserError``.
         """
-        sealed = chat.seal_message(self.store, self.identity, conversation, text,
-                                   now=self.clock(), ttl_s=self.config.ttl_s,
-                                   hops=self.config.hops)
+        sealed = self._seal(conversation, text)
         future: asyncio.Future[str] = asyncio.get_running_loop().create_future()
         self._send_queue.append((sealed, future))
         if len(self._send_queue) == 1:
@@ -649,19 +656,14 @@ class Node:
     def _commit_sends(self) -> None:
         batch, self._send_queue = self._send_queue, []
         try:
-            with self.store.batch():
-                for sealed, _ in batch:
-                    chat.store_sealed(self.store, sealed)
-        except sqlite3.Error as exc:
-            error = UserError(f"could not save the message ({exc}); is the disk full?")
+            chat.store_sealed(self.store, [sealed for sealed, _ in batch])
+        except UserError as error:
             for _, future in batch:
                 if not future.done():
                     future.set_exception(error)
             return
-        self._offer([sealed.envelope.id for sealed, _ in batch])
-        _log_ids("queued %s", [sealed.msg_id for sealed, _ in batch])
+        self._announce_queued([sealed for sealed, _ in batch])
         for sealed, future in batch:
-            self._publish(api.MessageStateChanged(id=sealed.msg_id, state=api.STATE_QUEUED))
             if not future.done():  # a caller that gave up still gets its message sent
                 future.set_result(sealed.msg_id)
 

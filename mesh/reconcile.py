@@ -854,23 +854,13 @@ class Reconciler:
         size, asks = 0, False
         skip = Mode.SKIP
 
-        def add(r: Range) -> None:
-            nonlocal size
-            if r.mode == skip and out and out[-1].mode == skip:
-                out.pop()
-                size -= sizes.pop()
-            prev_ts = out[-1].upper.ts if out else 0
-            out.append(r)
-            sizes.append(_range_size(prev_ts, r))
-            size += sizes[-1]
-
         # ``out`` always ends at the previous item's upper bound (= this item's ``lower``),
-        # so a detail's sizes from ``_sizes`` are the sizes ``add`` would compute.
+        # so a detail's sizes from ``_sizes`` are its sizes in the message.
         for item in items:
             room = self._budget - _RESERVE - size
             slots = MAX_RANGES_PER_MESSAGE - len(out) - 2
             detail = item.ranges
-            if item.kind == _Kind.SKIP:  # ``add`` inlined: most items are skips
+            if item.kind == _Kind.SKIP:  # ``_range_size`` inlined: most items are skips
                 if out and out[-1].mode == skip:
                     out.pop()
                     size -= sizes.pop()
@@ -894,7 +884,7 @@ class Reconciler:
                 if item.extras is not None:
                     detail = self._partial_diff(item, room)
                     detail_sizes = self._sizes(item, detail)
-                elif item.kind == _Kind.DETAIL or item.ranges[0].missing:
+                else:  # DETAIL, or a READY DIFF that also names positions (cannot be cut)
                     detail = self._coarse(item, room)
                     detail_sizes = self._sizes(item, detail)
             if sum(detail_sizes) <= room and 0 < len(detail) <= slots \
@@ -904,7 +894,7 @@ class Reconciler:
                 detail = [self._fingerprint_range(item.upper, item.lo, item.hi)]
                 detail_sizes = self._sizes(item, detail)
             else:
-                add(self._fingerprint_range(INFINITY, item.lo, len(self._keys)))
+                out.append(self._fingerprint_range(INFINITY, item.lo, len(self._keys)))
                 asks = True
                 break
             out.extend(detail)

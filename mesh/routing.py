@@ -21,16 +21,17 @@ and receipts, which delete copies wherever they reach.
 
 from __future__ import annotations
 
-import struct
 from dataclasses import dataclass
 from typing import Protocol
 
-from mesh.envelope import HEADER_LEN, MAX_HOPS, MUTABLE_LEN, Envelope
-
-#: ``ttl_s`` sits at offset 6 of the immutable header (``docs/protocol.md`` section 8.1).
-_TTL_S = struct.Struct("!I")
-#: ``hops_left`` u8 then ``ttl_left_s`` u32; the stamp after them is kept as stored.
-_HOPS_TTL = struct.Struct("!BI")
+from mesh.envelope import (
+    HEADER_LEN,
+    MAX_HOPS,
+    MUTABLE_LEN,
+    Envelope,
+    patch_mutable,
+    ttl_s_of,
+)
 
 KIND_ENVELOPE = "envelope"
 KIND_RECEIPT = "receipt"
@@ -98,11 +99,8 @@ class RoutingPolicy:
         """
         data = item.data
         assert data is not None and len(data) >= HEADER_LEN + MUTABLE_LEN
-        (ttl_s,) = _TTL_S.unpack_from(data, 6)
-        ttl_left = max(0, min(ttl_s, int(item.expires_at - now)))
-        at = len(data) - MUTABLE_LEN
-        return b"".join((data[:at], _HOPS_TTL.pack(min(item.hops_left, MAX_HOPS), ttl_left),
-                         data[at + _HOPS_TTL.size:]))
+        ttl_left = max(0, min(ttl_s_of(data), int(item.expires_at - now)))
+        return patch_mutable(data, hops_left=min(item.hops_left, MAX_HOPS), ttl_left_s=ttl_left)
 
     @staticmethod
     def hops_to_store(received: Envelope) -> int:

@@ -206,7 +206,6 @@ class LinkSession:
         self._pending_acks: list[bytes] = []
         self._pending_refused: list[bytes] = []
         self._awaiting_commit: set[bytes] = set()
-        self._wants_sent = 0
         self._wants_seen = 0
         self._peer_idle_wants = -1
         self._idle_sent = False
@@ -625,7 +624,7 @@ class LinkSession:
             return
         if not self._idle_sent or self._queued or self._in_flight:
             return
-        if self._peer_idle_wants != self._wants_sent or self._awaiting_commit:
+        if self._peer_idle_wants != 0 or self._awaiting_commit:
             return
         self._sync_done = True
         self.state = State.LIVE

@@ -44,13 +44,7 @@ def state_text(state: str) -> Content:
 
 def legend() -> Content:
     """One line that explains the glyphs, always under the conversation."""
-    parts: list[Content | tuple[str, str] | str] = []
-    for state in api.OUTBOX_STATES:
-        glyph, word, style = STATES[state]
-        if parts:
-            parts.append("   ")
-        parts += [(glyph, f"bold {style}"), " ", (word, style)]
-    return Content.assemble(*parts)
+    return Content("   ").join(state_text(state) for state in api.OUTBOX_STATES)
 
 
 def transport_label(transport: object) -> str:

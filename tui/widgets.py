@@ -84,10 +84,6 @@ class ConversationList(OptionList):
         if current in names:
             self.highlighted = names.index(current)
 
-    @property
-    def names(self) -> list[str]:
-        return [n for n in self._names if n is not None]
-
     def on_option_list_option_highlighted(self, event: OptionList.OptionHighlighted) -> None:
         event.stop()
         name = self._names[event.option_index] if event.option_index < len(self._names) else None

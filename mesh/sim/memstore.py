@@ -26,19 +26,14 @@ Differences, on purpose: no app tables (inbox/outbox live in the engine), and a 
 from __future__ import annotations
 
 import heapq
-import struct
 from bisect import bisect_left, insort
 from dataclasses import dataclass
 
-from mesh.envelope import Envelope, Receipt
+from mesh.envelope import Envelope, Receipt, mutable_bytes
 from mesh.routing import KIND_ENVELOPE, KIND_RECEIPT, KIND_TOMBSTONE
 from mesh.store import AddResult
 
 __all__ = ["MemStore", "SimItem"]
-
-#: The envelope's mutable part (``mesh.envelope``): hops_left, ttl_left_s, stamp.
-_MUTABLE = struct.Struct("!BI8s")
-
 
 @dataclass(slots=True)
 class SimItem:
@@ -100,9 +95,6 @@ class MemStore:
     def __len__(self) -> int:
         return len(self._items)
 
-    def envelope_count(self) -> int:
-        return sum(1 for item in self._items.values() if item.kind == KIND_ENVELOPE)
-
     # ---- envelopes -----------------------------------------------------------------
 
     def add_envelope(
@@ -130,7 +122,7 @@ class MemStore:
             for victim in victims:
                 self._delete(self._items[victim])  # eviction forgets the id, as the store does
         hops = env.hops_left if hops_left is None else hops_left
-        data = env.immutable_bytes + _MUTABLE.pack(hops, env.ttl_left_s, env.stamp)
+        data = env.immutable_bytes + mutable_bytes(hops, env.ttl_left_s, env.stamp)
         self._insert(SimItem(eid, KIND_ENVELOPE, env.created_min, data,
                              now + env.ttl_left_s, hops, bits, local, len(data), origin,
                              env.receipt_hash, env.dedup_until()))

@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from mesh.dialer import DUPLICATE_REASON
 from mesh.errors import LocalProtocolError
-from mesh.transports.ble_framing import DEFAULT_WINDOW, MAX_CHUNK, BleFraming
+from mesh.transports.ble_framing import DEFAULT_WINDOW, BleFraming
 
 if TYPE_CHECKING:
     from mesh.node import Node
@@ -86,7 +86,7 @@ class BleLink:
         self._send = send_fragment
         self._disconnect = disconnect
         self.framing: BleFraming = BleFraming(
-            rng, min(chunk_size(), MAX_CHUNK), self._loop.time(), initiator=initiator,
+            rng, chunk_size(), self._loop.time(), initiator=initiator,
             window=window, open_timeout=open_timeout, stall_timeout=stall_timeout,
             taken={link.framing.my_id for link in _live_links})
         _live_links.add(self)

@@ -142,15 +142,18 @@ async def start_ble(node: Node, *, max_links: int = DEFAULT_MAX_LINKS,
     / ``client_backend``) are for tests and other platforms; the defaults use BlueZ on Linux.
     """
     service = BleService(node, None, None, "")
-    if not (platform.startswith("linux") or probe is not None):
-        await _start_roles(service, None, max_links=max_links, platform=platform,
+
+    async def start_roles(adapter: str | None) -> None:
+        await _start_roles(service, adapter, max_links=max_links, platform=platform,
                            peripheral_factory=peripheral_factory, **central_options)
+
+    if not (platform.startswith("linux") or probe is not None):
+        await start_roles(None)
         return service
     probe = probe or _default_probe
     adapter, reason = await _probe_once(probe)
     if adapter is not None:
-        await _start_roles(service, adapter, max_links=max_links, platform=platform,
-                           peripheral_factory=peripheral_factory, **central_options)
+        await start_roles(adapter)
         return service
     log.warning("Bluetooth LE off: %s. LAN and --peer links still work.", reason)
     if reprobe_s <= 0:
@@ -166,8 +169,7 @@ async def start_ble(node: Node, *, max_links: int = DEFAULT_MAX_LINKS,
             found, why = await _probe_once(probe)
             if found is not None:
                 log.warning("Bluetooth LE: an adapter is available now (%s)", found)
-                await _start_roles(service, found, max_links=max_links, platform=platform,
-                                   peripheral_factory=peripheral_factory, **central_options)
+                await start_roles(found)
                 return
             if why != reason:
                 reason = why

@@ -44,6 +44,7 @@ from typing import Annotated, Any
 
 from mesh.errors import LocalProtocolError
 from mesh.transports.ble import RX_UUID, SERVICE_UUID, TX_UUID, PeripheralHandler
+from mesh.transports.ble_framing import MAX_CHUNK, MAX_FRAGMENT, MIN_CHUNK
 
 try:
     from dbus_fast import BusType, DBusError, Message, MessageType, Variant
@@ -82,12 +83,6 @@ RX_PATH = SERVICE_PATH + "/rx"
 TX_PATH = SERVICE_PATH + "/tx"
 ADVERTISEMENT_PATH = "/org/pigeon/advertisement"
 
-#: One attribute value can never be longer (ATT); a bigger "write" is not from BlueZ.
-MAX_ATTRIBUTE_VALUE = 512
-#: Pigeon's own cap on any value (BlueZ loses 511-514-byte write commands).
-MAX_VALUE = 500
-#: The value size when BlueZ does not say the MTU (the ATT default MTU 23, minus 3).
-DEFAULT_VALUE = 20
 MIN_MTU, MAX_MTU = 23, 517
 _OBJECT_PATH = re.compile(r"^/([A-Za-z0-9_]+(/[A-Za-z0-9_]+)*)?$")
 _MAX_PATH = 255
@@ -388,7 +383,7 @@ class BluezPeripheral:
 
     def max_value_size(self, peer: str) -> int:
         mtu = self._mtu.get(peer, 0)
-        return min(mtu - 3, MAX_VALUE) if mtu else DEFAULT_VALUE
+        return min(mtu - 3, MAX_CHUNK) if mtu else MIN_CHUNK
 
     async def disconnect(self, peer: str) -> None:
         """``Device1.Disconnect`` on a central that wrote to us (others are not ours to
@@ -431,7 +426,7 @@ class BluezPeripheral:
     def _parse_write(self, value: Any, options: Any) -> tuple[str, int | None]:
         if not isinstance(value, (bytes, bytearray)):
             raise ValueError("value is not a byte array")
-        if len(value) > MAX_ATTRIBUTE_VALUE:
+        if len(value) > MAX_FRAGMENT:  # no ATT value is longer: not from BlueZ
             raise ValueError(f"{len(value)}-byte value exceeds an attribute's 512")
         if not isinstance(options, dict):
             raise ValueError("options are not a dictionary")

@@ -207,15 +207,11 @@ class LanDiscovery:
         self.dropped = 0
         self._last_error = ""
 
-    @property
-    def token(self) -> str | None:
-        return self._tokens[-1] if self._tokens else None
-
     async def start(self) -> None:
         """Returns at once; announcing and browsing continue in the background."""
         if self.interfaces:
-            missing = [n for n in self.interfaces
-                       if not any(a.ifname == n for a in usable_addresses([n]))]
+            found = {a.ifname for a in usable_addresses(self.interfaces)}
+            missing = [n for n in self.interfaces if n not in found]
             if missing:
                 log.warning("lan: interface %s has no usable address yet; waiting for it",
                             ", ".join(missing))

@@ -23,7 +23,7 @@ class TcpLink:
         self._writer = writer
         self.transport = transport
         peer = writer.get_extra_info("peername")
-        self.address = _format_addr(peer)
+        self.address = format_addr(peer)
         sock = writer.get_extra_info("socket")
         if sock is not None:
             with contextlib.suppress(OSError):
@@ -52,7 +52,7 @@ class TcpLink:
             self._writer.close()
 
 
-def _format_addr(peer: object) -> str:
+def format_addr(peer: object) -> str:
     if isinstance(peer, tuple) and len(peer) >= 2:
         host, port = peer[0], peer[1]
         return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"

@@ -213,7 +213,7 @@ class MainScreen(Screen[None]):
     async def refresh_status(self) -> None:
         try:
             status = await self.client.status()
-            peers = await self.client.peers()
+            peers = [api.from_dict(api.PeerInfo, p) for p in status.peers]  # one round trip
         except Exception as exc:
             log.warning("status failed: %s", exc)
             if self.node_reachable:

@@ -51,6 +51,9 @@ log = logging.getLogger("pigeon.node")
 LINK_KEY_LIFETIME_S = 3600.0
 SWEEP_INTERVAL_S = 60.0
 ITEM_LOG_LINES = 20
+#: Sync progress reaches subscribers at most this often per link (the final state of a
+#: sync, and connects and disconnects, go out at once).
+PROGRESS_EVENT_S = 0.25
 
 
 def short(item_id: bytes) -> str:
@@ -97,6 +100,8 @@ class _LinkRunner:
         #: Per-item log lines are capped per link (a flood must not become a log flood);
         #: the rest are summed up when the sync completes or the link closes.
         self.item_log_budget = ITEM_LOG_LINES
+        #: A progress event is scheduled (``Node._publish_progress``).
+        self.progress_due = False
         self.stored = 0
         self.refused = 0
         #: Who fills which quota share: the peer's network address (host, not port), which
@@ -372,7 +377,7 @@ class Node:
                          runner.refused)
                 self._publish_peer(runner)
             elif isinstance(event, SyncProgressed | TransferPlanned):
-                self._publish_peer(runner)
+                self._publish_progress(runner)
             elif isinstance(event, ItemDropped):
                 runner.refused += 1
                 if runner.item_log_budget > 0:
@@ -431,14 +436,15 @@ class Node:
             # link they came from only gets what is new to it (the receipt we just issued).
             self._offer(new_ids + own_ids)
 
-    def _forward_now(self, source: _LinkRunner, ids: list[bytes]) -> None:
-        """Push items just stored for others to the other live links before our commit, so
-        the next hop's fsync overlaps ours instead of following it (one fsync less on a
-        relayed message's path).
+    def _forward_now(self, source: _LinkRunner | None, ids: list[bytes]) -> None:
+        """Push items just stored for others (or sent by us: ``source`` None) to the other
+        live links before our commit, so the next hop's fsync overlaps ours instead of
+        following it (one fsync less per hop on a message's path).
 
         Safe because forwarding acknowledges nothing: the link they came from keeps its
         copies until our Ack, which goes out only after the commit; a crash before it
-        costs at most a duplicate downstream, which the id dedupes. Never used for the
+        costs at most a duplicate downstream, which the id dedupes (our own send: the
+        caller is answered only after the commit, see ``_store_sends``). Never used for the
         receipts we issue (they tell a sender its message was delivered, which must not
         happen before our inbox holds it). Only links that can take bytes without waiting
         (``write_nowait``) are served here; the rest get the items after the commit, as
@@ -613,14 +619,28 @@ class Node:
             queue.put_nowait(event)
 
     def _publish_peer(self, runner: _LinkRunner) -> None:
+        runner.progress_due = False
         if runner.peer_key:
             self._publish(api.PeerChanged(peer=api.to_dict(self._peer_info(runner)), connected=True))
+
+    def _publish_progress(self, runner: _LinkRunner) -> None:
+        """Sync progress, at most every ``PROGRESS_EVENT_S`` per link: a window needs a few
+        updates a second, while one event per item cost every message of a burst a peer
+        snapshot and a JSON line per subscriber, on the path the message itself takes."""
+        if runner.progress_due:
+            return
+        runner.progress_due = True
+        asyncio.get_running_loop().call_later(PROGRESS_EVENT_S, self._flush_progress, runner)
+
+    def _flush_progress(self, runner: _LinkRunner) -> None:
+        if runner.progress_due and not runner.session.closed:
+            self._publish_peer(runner)
 
     def send(self, conversation: str, text: str) -> str:
         """Seal ``text`` to a contact (or ``#channel``), store it durably and push it to
         every live link. Returns the message id (hex)."""
         sealed = self._seal(conversation, text)
-        chat.store_sealed(self.store, [sealed])
+        self._store_sends([sealed])
         self._announce_queued([sealed])
         return sealed.msg_id
 
@@ -628,6 +648,22 @@ class Node:
         return chat.seal_message(self.store, self.identity, conversation, text,
                                  now=self.clock(), ttl_s=self.config.ttl_s,
                                  hops=self.config.hops)
+
+    def _store_sends(self, batch: list[chat.SealedMessage]) -> None:
+        """Store our own sealed messages in one durable transaction, pushing them to the
+        links that take bytes at once before its commit (``_forward_now``), so the next
+        hop's fsync overlaps ours. The caller is answered only after the commit.
+
+        If the commit itself fails, the envelopes may already be on a neighbour's disk and
+        may still be delivered; the error says so rather than claim nothing was sent.
+        """
+        try:
+            with self.store.batch():
+                chat.store_sealed(self.store, batch)
+                self._forward_now(None, [sealed.envelope.id for sealed in batch])
+        except sqlite3.Error as exc:
+            raise UserError(f"could not save the message ({exc}); it may already have "
+                            "reached a neighbour and may still be delivered") from None
 
     def _announce_queued(self, batch: list[chat.SealedMessage]) -> None:
         """Stored durably: offer to every live link, and tell every window on this node
@@ -656,7 +692,7 @@ class Node:
     def _commit_sends(self) -> None:
         batch, self._send_queue = self._send_queue, []
         try:
-            chat.store_sealed(self.store, [sealed for sealed, _ in batch])
+            self._store_sends([sealed for sealed, _ in batch])
         except UserError as error:
             for _, future in batch:
                 if not future.done():

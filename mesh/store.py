@@ -44,7 +44,7 @@ from __future__ import annotations
 import enum
 import sqlite3
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -345,7 +345,15 @@ class Store(AppTablesMixin):
                 self._conn.execute("ROLLBACK")
                 raise
             self._depth = 0
-            self._conn.execute("COMMIT")
+            try:
+                self._conn.execute("COMMIT")
+            except BaseException:
+                # SQLite rolls back by itself after some failed commits (disk full, I/O
+                # error) but not all (busy): never leave a transaction open behind us.
+                if self._conn.in_transaction:
+                    with suppress(sqlite3.Error):
+                        self._conn.execute("ROLLBACK")
+                raise
             return
         self._savepoints += 1
         name = f"sp{self._savepoints}"  # our own counter, never a value from outside

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import random
+import sqlite3
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from mesh import api
+from mesh.errors import UserError
 from mesh.identity import Identity, encode_contact
 from mesh.node import Node, NodeConfig
 from mesh.store import Store
@@ -216,5 +218,121 @@ async def test_pipelined_sends_share_one_commit_and_answer_in_order(tmp_path: Pa
     finally:
         await client.close()
         await server.stop()
+        a.store.close()
+        b.store.close()
+
+
+class _FailingCommit:
+    """A store connection whose next COMMIT fails (as on a full disk), else the real one."""
+
+    def __init__(self, conn: object) -> None:
+        self._conn = conn
+        self.fail_next_commit = False
+
+    def execute(self, sql: str, *args: object) -> object:
+        if self.fail_next_commit and sql.strip().upper() == "COMMIT":
+            self.fail_next_commit = False
+            raise sqlite3.OperationalError("database or disk is full")
+        return self._conn.execute(sql, *args)  # type: ignore[attr-defined]
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._conn, name)
+
+
+async def _tcp_pair(tmp_path: Path, clock: Clock) -> tuple[Node, Node]:
+    a = make_node(tmp_path, "alice", clock, listen=[("127.0.0.1", 0)])
+    await a.start()
+    host, port = a.listening[0].rsplit(":", 1)
+    b = make_node(tmp_path, "bob", clock, peers=[(host, int(port))])
+    befriend(a, b)
+    await b.start()
+    await wait_until(lambda: any(p.state == "live" for p in a.peers())
+                     and any(p.state == "live" for p in b.peers()))
+    return a, b
+
+
+async def test_own_send_goes_out_before_its_commit_and_is_answered_after(
+        tmp_path: Path, clock: Clock) -> None:
+    """The sender hands a new message to a live TCP link before its own fsync (the
+    neighbour's fsync overlaps ours), and answers the send call only once it is durable."""
+    a, b = await _tcp_pair(tmp_path, clock)
+    try:
+        (runner,) = a._runners
+        written: list[int] = []
+        real_write = runner.link.write_nowait  # type: ignore[attr-defined]
+
+        def counting_write(data: bytes) -> None:
+            written.append(len(data))
+            real_write(data)
+
+        runner.link.write_nowait = counting_write  # type: ignore[attr-defined]
+        at_commit: list[int] = []
+        a.store._conn.set_trace_callback(
+            lambda sql: at_commit.append(len(written)) if sql.strip().upper() == "COMMIT" else None)
+        msg_id = await a.send_grouped("bob", "early bird")
+        a.store._conn.set_trace_callback(None)
+        assert at_commit and at_commit[0] >= 1, "nothing was written before the commit"
+        assert outbox_state(a, msg_id) in (api.STATE_QUEUED, api.STATE_RELAYED,
+                                           api.STATE_DELIVERED)
+        await wait_until(lambda: inbox_texts(b) == ["early bird"])
+        await wait_until(lambda: outbox_state(a, msg_id) == api.STATE_DELIVERED)
+    finally:
+        await a.stop()
+        await b.stop()
+        a.store.close()
+        b.store.close()
+
+
+async def test_failed_commit_of_a_send_says_it_may_still_be_delivered(
+        tmp_path: Path, clock: Clock) -> None:
+    """If the sender's commit fails after the envelope went out, the caller is told the
+    truth (it may still arrive), nothing half-written stays in the store, and the store
+    keeps working."""
+    a, b = await _tcp_pair(tmp_path, clock)
+    try:
+        failing = _FailingCommit(a.store._conn)
+        a.store._conn = failing  # type: ignore[assignment]
+        failing.fail_next_commit = True
+        with pytest.raises(UserError, match="may still be delivered"):
+            await a.send_grouped("bob", "sent but not saved")
+        assert a.outbox() == []
+        assert not a.store._conn.in_transaction
+        await wait_until(lambda: inbox_texts(b) == ["sent but not saved"])
+        later = await a.send_grouped("bob", "the disk has room again")
+        assert [m.id for m in a.outbox()] == [later]
+        await wait_until(lambda: inbox_texts(b) == ["sent but not saved",
+                                                    "the disk has room again"])
+    finally:
+        a.store._conn = getattr(a.store._conn, "_conn", a.store._conn)
+        await a.stop()
+        await b.stop()
+        a.store.close()
+        b.store.close()
+
+
+async def test_sync_progress_events_are_paced(tmp_path: Path, clock: Clock) -> None:
+    """Messages arriving one after another on a live link raise a few progress events a
+    second, not one each; connects come at once and the last state is published."""
+    a, b = make_node(tmp_path, "alice", clock), make_node(tmp_path, "bob", clock)
+    befriend(a, b)
+    events = b.subscribe()
+    link = Link(a, b)
+    try:
+        await wait_until(link.synced)
+        for i in range(40):
+            a.send("bob", f"one by one {i}")
+            await wait_until(lambda i=i: len(b.inbox()) == i + 1)
+        await asyncio.sleep(0.6)  # any progress event still pending comes out
+        seen: list[api.NodeEvent] = []
+        while not events.empty():
+            seen.append(events.get_nowait())
+        peer_events = [e for e in seen if isinstance(e, api.PeerChanged)]
+        assert len([e for e in seen if isinstance(e, api.MessageReceived)]) == 40
+        assert peer_events and peer_events[0].connected
+        assert len(peer_events) < 20, f"{len(peer_events)} peer events for 40 messages"
+        assert peer_events[-1].peer["state"] == "live"
+        assert peer_events[-1].peer["received"] >= 40
+    finally:
+        await link.close()
         a.store.close()
         b.store.close()

@@ -75,7 +75,7 @@ __all__ = [
     "StoredItem",
 ]
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 #: Receipts one neighbour may have us hold. Anyone can mint receipts for random secrets, so
 #: past this the oldest of that neighbour's receipts make room (a tenth at a time).
 RECEIPTS_PER_ORIGIN = 20_000
@@ -107,7 +107,6 @@ CREATE INDEX items_evict_all ON items (stamp_bits, ts, id)
     WHERE kind = 'envelope' AND local = 0;
 CREATE INDEX items_evict_origin ON items (origin, stamp_bits, ts, id)
     WHERE kind = 'envelope' AND local = 0;
-CREATE INDEX items_receipt_origin ON items (origin, received_at) WHERE kind = 'receipt';
 
 CREATE TABLE quota_usage (
     origin TEXT PRIMARY KEY NOT NULL,
@@ -155,6 +154,13 @@ def _migrate_0_to_1(conn: sqlite3.Connection) -> None:
         conn.execute(statement)
 
 
+def _migrate_1_to_2(conn: sqlite3.Connection) -> None:
+    """Receipts per neighbour, for the cap on what one neighbour can make us hold.
+    (``IF NOT EXISTS``: development builds of schema 1 created it at open.)"""
+    conn.execute("CREATE INDEX IF NOT EXISTS items_receipt_origin ON items (origin, received_at) "
+                 "WHERE kind = 'receipt'")
+
+
 def _split_sql(script: str) -> Iterator[str]:
     """Split a schema script into statements (trigger bodies contain ';')."""
     buf = ""
@@ -171,7 +177,9 @@ def _split_sql(script: str) -> Iterator[str]:
 #: ``_MIGRATIONS[v]`` upgrades a database at ``user_version == v`` to ``v + 1``. Each
 #: step runs in the same transaction as the version bump, so a crash mid-way leaves the
 #: old version intact. Add new steps here; never edit a released one.
-_MIGRATIONS: dict[int, Callable[[sqlite3.Connection], None]] = {0: _migrate_0_to_1}
+_MIGRATIONS: dict[int, Callable[[sqlite3.Connection], None]] = {
+    0: _migrate_0_to_1, 1: _migrate_1_to_2,
+}
 
 
 class ItemKind(enum.StrEnum):
@@ -266,9 +274,6 @@ class Store(AppTablesMixin):
             conn.execute("PRAGMA foreign_keys=ON")
             store = cls(conn, path, quota_bytes=quota_bytes, neighbour_share=neighbour_share)
             store._migrate()
-            conn.execute(  # files made before the index existed (same schema otherwise)
-                "CREATE INDEX IF NOT EXISTS items_receipt_origin ON items (origin, received_at) "
-                "WHERE kind = 'receipt'")
         except sqlite3.DatabaseError as exc:
             conn.close()
             raise UserError(f"cannot open the store at {path}: {exc}") from exc

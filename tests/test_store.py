@@ -70,6 +70,26 @@ def test_open_uses_wal_full_sync_and_schema_version(tmp_path: Path) -> None:
         raw.close()
 
 
+def test_a_schema_1_file_is_upgraded_and_keeps_its_items(tmp_path: Path) -> None:
+    """A store written by schema 1 (before the receipts-per-neighbour index) opens, gains
+    the index in a 1 -> 2 migration, and loses nothing."""
+    path = tmp_path / "store.db"
+    with Store.open(path) as s:
+        env = make_env()
+        assert s.add_envelope(env, now=NOW, origin="peer") == AddResult.STORED
+    raw = sqlite3.connect(path)
+    raw.execute("DROP INDEX items_receipt_origin")
+    raw.execute("PRAGMA user_version = 1")
+    raw.commit()
+    raw.close()
+    with Store.open(path) as s:
+        assert s.schema_version() == SCHEMA_VERSION == 2
+        assert s.has(env.id)
+        names = {r[0] for r in s._conn.execute("SELECT name FROM sqlite_master WHERE type = 'index'")}
+        assert "items_receipt_origin" in names
+        assert s.integrity_check()
+
+
 def test_newer_schema_is_refused_clearly(tmp_path: Path) -> None:
     path = tmp_path / "store.db"
     Store.open(path).close()

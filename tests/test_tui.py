@@ -117,6 +117,30 @@ async def test_two_apps_message_arrives_and_ticks_move_queued_relayed_delivered(
             node.store.close()
 
 
+async def test_a_burst_of_messages_rings_the_bell_once(tmp_path: Path, clock: FixedClock) -> None:
+    alice = make_node(tmp_path, "alice", Identity.generate("alice"), clock)
+    bob = make_node(tmp_path, "bob", Identity.generate("bob"), clock)
+    alice.add_contact("bob", code_of(bob))
+    bob.add_contact("alice", code_of(alice))
+    for i in range(20):
+        alice.send("bob", f"queued while apart {i}")
+    app = app_for(bob, bell=True)
+    rings: list[int] = []
+    app.bell = lambda: rings.append(1)  # type: ignore[method-assign]
+    try:
+        async with app.run_test(size=SIZE) as pilot:
+            await until(pilot, lambda: on_main(app), what="bob's main screen")
+            link = MemLink(alice, bob)
+            await until(pilot, lambda: len(bob.inbox()) == 20, what="all 20 arrive")
+            await pilot.pause(0.2)
+            assert rings == [1], f"the bell rang {len(rings)} times for one sync"
+            await link.close()
+    finally:
+        for node in (alice, bob):
+            await node.stop()
+            node.store.close()
+
+
 async def test_markup_and_escape_sequences_from_peers_are_shown_literally(
         tmp_path: Path, clock: FixedClock) -> None:
     alice = make_node(tmp_path, "alice", Identity.generate("alice"), clock)

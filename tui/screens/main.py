@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable
 from datetime import tzinfo
 from typing import ClassVar
@@ -31,6 +32,8 @@ from tui.safe import line, sentence
 from tui.widgets import PUBLIC, ConversationList, MessageView, PeerPanel
 
 log = logging.getLogger("pigeon.tui")
+#: A sync that brings fifty messages at once rings once, not fifty times.
+BELL_GAP_S = 2.0
 
 
 class NodeEventArrived(Message):
@@ -63,6 +66,7 @@ class MainScreen(Screen[None]):
         self.current: str | None = None
         self.peers: dict[str, api.PeerInfo] = {}
         self.node_reachable = True
+        self._last_bell = -BELL_GAP_S
 
     # ---- layout ------------------------------------------------------------------------
 
@@ -265,7 +269,8 @@ class MainScreen(Screen[None]):
             self.refresh_conversations()
 
     def _message_received(self, msg: api.InboxMessage) -> None:
-        if self.bell:
+        if self.bell and time.monotonic() - self._last_bell >= BELL_GAP_S:
+            self._last_bell = time.monotonic()
             self.app.bell()
         if msg.conversation == self.current:
             self.query_one(MessageView).add(api.ChatMessage(

@@ -59,8 +59,11 @@ def render(out: Path, notes: dict[str, str] | None = None) -> str:
                 measured += f" ({_fmt(goal['measured_frame_bytes'])} before padding and AEAD)"
             if "cpu_s" in goal:
                 measured += f" ({_fmt(goal['cpu_s'])} s CPU)"
+            # A row the issue asks to report without a goal says so instead of yes/no.
+            verdict = ("reported, no goal" if goal.get("report_only")
+                       else "yes" if goal.get("met") else "**no**")
             lines.append(f"| {title} | {goal['goal']} | {_fmt(goal.get('limit'))} | {measured} | "
-                         f"{'yes' if goal.get('met') else '**no**'} |")
+                         f"{verdict} |")
         machine = data.get("machine", {})
         sections.append(f"- `{name}`: measured {machine.get('measured_at', '?')}, load average "
                         f"{machine.get('load_avg_1m', '?')} on {machine.get('cpus', '?')} CPUs, "

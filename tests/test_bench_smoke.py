@@ -71,9 +71,12 @@ def test_lxmf_config_is_loopback_only(tmp_path: Path) -> None:
 
 def test_summary_states_every_goal(tmp_path: Path) -> None:
     write_json(tmp_path, "sync_cost", {"goals": [
-        {"goal": "in sync: round trips", "limit": 1, "measured": 1, "met": True}]})
+        {"goal": "in sync: round trips", "limit": 1, "measured": 1, "met": True},
+        {"goal": "a figure to report", "limit": None, "measured": 7, "met": False,
+         "report_only": True}]})
     write_json(tmp_path, "lxmf_compare", {"skipped": "rns not installed", "goals": []})
     text = summary.render(tmp_path)
     assert "| Sync cost (reconciliation) | in sync: round trips | 1 | 1 | yes |" in text
+    assert "| a figure to report | n/a | 7 | reported, no goal |" in text
     assert "not measured: rns not installed" in text
     assert "not measured: `relay_load.json` missing" in text

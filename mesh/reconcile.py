@@ -36,9 +36,10 @@ How much detail to send is policy, not protocol, and aims at few round trips fir
 bytes. The opening message has up to six fingerprints over ranges that halve towards the
 newest keys, as many as fit a 128-byte padded frame; counts that differ and the share of
 fingerprints that differ estimate how dense the difference is, which sets how finely a range
-is cut (at least ``branching`` pieces); the range that ends at ``INFINITY`` is cut finer
-towards the top and its newest keys are listed outright, because peers that were apart differ
-mostly in what is newest.
+is cut (at least ``branching`` pieces), unless the pieces would hold under two keys on
+average, when the whole range is listed instead; the range that ends at ``INFINITY`` is cut
+finer towards the top and its newest keys are listed outright, because peers that were apart
+differ mostly in what is newest.
 
 The byte layout (``encode_message``) is documented in ``docs/protocol.md`` section 7.
 """
@@ -47,14 +48,14 @@ from __future__ import annotations
 
 import math
 import operator
-import weakref
+import struct
 from bisect import bisect_left
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from enum import IntEnum
 from hashlib import blake2b
 from itertools import accumulate, islice, repeat
-from typing import Literal
+from typing import Literal, NamedTuple, NoReturn
 
 from mesh.errors import LocalProtocolError, RemoteProtocolError
 
@@ -95,34 +96,43 @@ class Mode(IntEnum):
     DIFF = 3
 
 
-@dataclass(frozen=True)
-class Bound:
-    """Exclusive upper end of a range; sorts like the key ``(ts, id_prefix)``."""
+class Bound(NamedTuple):
+    """Exclusive upper end of a range; sorts like the key ``(ts, id_prefix)``.
+
+    A tuple, so it compares with keys directly and is cheap to build: a busy node builds
+    and parses thousands of bounds per contact.
+    """
 
     ts: int
     id_prefix: bytes
 
-
-_MODES = tuple(Mode)
 
 #: The top of the key space; every message's last range ends here.
 INFINITY = Bound(2**32 - 1, b"\xff" * ID_LEN)
 _BOTTOM = Bound(0, b"")
 
 
-@dataclass(frozen=True)
-class Range:
-    """Keys from the previous range's ``upper`` (or the bottom) up to this ``upper``."""
+class Range(NamedTuple):
+    """Keys from the previous range's ``upper`` (or the bottom) up to this ``upper``.
+
+    Immutable; a tuple (not a dataclass) because a busy node decodes, plans and writes
+    thousands of ranges per contact, and a tuple is built and unpacked in C.
+    """
 
     upper: Bound
     mode: Mode
     #: FINGERPRINT: the sender's fingerprint and key count in the range.
     fingerprint: bytes = b""
-    count: int = 0
+    count: int = 0  # type: ignore[assignment]  # shadows ``tuple.count``, which nobody calls
     #: IDLIST: the sender's complete ids; DIFF: the sender's ids the receiver lacks.
     ids: tuple[bytes, ...] = ()
     #: DIFF: positions, in key order among the receiver's keys in the range, that the sender lacks.
     missing: tuple[int, ...] = ()
+
+
+#: ``_new(Bound, (ts, prefix))`` / ``_new(Range, (upper, mode, fingerprint, count, ids,
+#: missing))``: the NamedTuple built without its Python-level ``__new__`` (all fields given).
+_new = tuple.__new__
 
 
 @dataclass(frozen=True)
@@ -130,6 +140,11 @@ class ReconcileMessage:
     """One turn of the conversation; its ranges tile the whole key space in order."""
 
     ranges: tuple[Range, ...]
+    #: Set by ``decode_message`` alone (the ranges are then well-typed by construction):
+    #: the number of ids and positions they carry if nothing that ``Reconciler._validate``
+    #: checks beyond types is wrong either (bounds increase and end at INFINITY, no id twice
+    #: in a range), else ``_UNSOUND``. The message is frozen, so the mark stays true.
+    _decoded: int = field(default=-1, init=False, compare=False, repr=False)
 
 
 # ---- byte layout -------------------------------------------------------------------------
@@ -152,25 +167,24 @@ def _gaps(positions: Sequence[int]) -> list[int]:
     return [p - q - 1 for p, q in zip(positions, [-1, *positions], strict=False)]
 
 
-def _range_size(prev_ts: int, r: Range) -> int:
-    """Exact encoded size of ``r`` after a bound with time ``prev_ts``."""
-    upper = r.upper
-    ts = upper.ts
-    if ts == _INFINITY_TS:
-        size = 2
-    else:
-        delta = ts - prev_ts + 1
-        size = (2 if delta < 0x80 else 1 + (delta.bit_length() + 6) // 7) + len(upper.id_prefix)
-    mode = r.mode
-    if mode == Mode.FINGERPRINT:
-        return size + ID_LEN + _varint_len(r.count)
-    if mode == Mode.SKIP:
-        return size
-    n = len(r.ids)
-    size += (1 if n < 0x80 else _varint_len(n)) + ID_LEN * n
-    if mode == Mode.DIFF:
-        missing = r.missing
-        size += _varint_len(len(missing)) + sum(map(_varint_len, _gaps(missing))) if missing else 1
+def _ranges_size(prev_ts: int, ranges: Sequence[Range]) -> int:
+    """Exact encoded size of ``ranges`` written after a bound with time ``prev_ts``."""
+    size = 0
+    for upper, mode, _, count, ids, missing in ranges:
+        ts = upper[0]
+        if ts == _INFINITY_TS:
+            size += 2
+        else:
+            delta = ts - prev_ts + 1
+            size += (2 if delta < 0x80 else 1 + (delta.bit_length() + 6) // 7) + len(upper[1])
+            prev_ts = ts
+        if mode == Mode.FINGERPRINT:
+            size += ID_LEN + (1 if count < 0x80 else _varint_len(count))
+        elif mode != Mode.SKIP:
+            n = len(ids)
+            size += (1 if n < 0x80 else _varint_len(n)) + ID_LEN * n
+            if mode == Mode.DIFF:
+                size += _varint_len(len(missing)) + sum(map(_varint_len, _gaps(missing))) if missing else 1
     return size
 
 
@@ -186,10 +200,9 @@ def encode_message(message: ReconcileMessage) -> bytes:
     out = bytearray()
     append = out.append
     prev_ts = 0
-    fingerprint, idlist, diff = Mode.FINGERPRINT, Mode.IDLIST, Mode.DIFF
-    for r in message.ranges:
-        upper, mode = r.upper, r.mode
-        ts = upper.ts
+    fingerprint_mode, idlist, diff = Mode.FINGERPRINT, Mode.IDLIST, Mode.DIFF
+    for upper, mode, fingerprint, count, ids, missing in message.ranges:
+        ts, prefix = upper
         if ts == _INFINITY_TS:
             append(0)
             prefix = b""
@@ -199,41 +212,36 @@ def encode_message(message: ReconcileMessage) -> bytes:
                 append(delta)
             else:
                 out += _varint(delta)
-            prev_ts, prefix = ts, upper.id_prefix
+            prev_ts = ts
         append(int(mode) << 5 | len(prefix))
         out += prefix
-        if mode == fingerprint:
-            out += r.fingerprint
-            out += _varint(r.count)
-        elif mode in (idlist, diff):
-            ids = r.ids
-            if len(ids) < 0x80:
-                append(len(ids))
+        if mode == fingerprint_mode:
+            out += fingerprint
+            if 0 <= count < 0x80:
+                append(count)
             else:
-                out += _varint(len(ids))
-            out += b"".join(ids)
+                out += _varint(count)
+        elif mode in (idlist, diff):
+            n = len(ids)
+            if n < 0x80:
+                append(n)
+            else:
+                out += _varint(n)
+            out += ids[0] if n == 1 else b"".join(ids)
             if mode == diff:
-                out += _varint(len(r.missing))
-                out += b"".join(map(_varint, _gaps(r.missing)))
+                out += _varint(len(missing))
+                out += b"".join(map(_varint, _gaps(missing)))
     return bytes(out)
 
 
 def encoded_size(message: ReconcileMessage) -> int:
     """The exact length of ``encode_message(message)``; budgets are enforced against it."""
-    size, prev_ts = 0, 0
-    for r in message.ranges:
-        size += _range_size(prev_ts, r)
-        if r.upper.ts != INFINITY.ts:
-            prev_ts = r.upper.ts
-    return size
+    return _ranges_size(0, message.ranges)
 
 
 _TRUNCATED = "reconcile message truncated"
-#: Messages built by ``decode_message`` (by identity), whose ranges are well-typed by
-#: construction: ``Reconciler._validate`` then checks only what decoding does not (order,
-#: budget, duplicates). Weak, so it holds nothing alive; the message is frozen, so the
-#: mark stays true.
-_DECODED: weakref.WeakValueDictionary[int, ReconcileMessage] = weakref.WeakValueDictionary()
+_NOT_DECODED, _UNSOUND = -1, -2  # ``ReconcileMessage._decoded`` when it is not a count
+_ID_FORMAT = f"{ID_LEN}s"
 
 
 def _read_varint(data: bytes, pos: int) -> tuple[int, int]:
@@ -258,15 +266,21 @@ def _read_varint(data: bytes, pos: int) -> tuple[int, int]:
 def decode_message(data: bytes) -> ReconcileMessage:
     """Parse ``encode_message`` output from a peer; checks structure and hard limits only.
 
-    ``Reconciler.respond`` checks the rest (bounds increasing, ending at INFINITY, id budget).
-    Work and memory are linear in ``len(data)``. Written flat (one-byte varints inline, no
-    reader object) because a busy node decodes thousands of ranges per contact.
+    ``Reconciler.respond`` checks the rest (bounds increasing, ending at INFINITY, id budget);
+    what it would find is noted on the way (``ReconcileMessage._decoded``), so that it does
+    not walk the ranges again for a sound message. Work and memory are linear in
+    ``len(data)``. Written flat (one-byte varints inline, no reader object, tuples built
+    directly) because a busy node decodes thousands of ranges per contact.
     """
     ranges: list[Range] = []
     append = ranges.append
+    new = _new
     end = len(data)
-    pos = prev_ts = 0
-    skip, fingerprint_mode = Mode.SKIP, Mode.FINGERPRINT
+    pos = prev_ts = total = 0
+    skip, fingerprint_mode, idlist, diff = Mode.SKIP, Mode.FINGERPRINT, Mode.IDLIST, Mode.DIFF
+    # Soundness: bounds increase (times cannot fall, so only a repeated time, or anything
+    # after INFINITY, needs a look), the last is INFINITY, no range lists an id twice.
+    sound, finite, at_infinity, last_prefix = True, False, False, b""
     while pos < end:
         if len(ranges) >= MAX_RANGES_PER_MESSAGE:
             raise RemoteProtocolError("too many ranges")
@@ -280,7 +294,7 @@ def decode_message(data: bytes) -> ReconcileMessage:
         head = data[pos]
         pos += 1
         mode_value, prefix_len = head >> 5, head & 0x1F
-        if mode_value > Mode.DIFF:
+        if mode_value > 3:
             raise RemoteProtocolError("unknown range mode")
         if prefix_len > ID_LEN:
             raise RemoteProtocolError("bound id prefix too long")
@@ -288,48 +302,74 @@ def decode_message(data: bytes) -> ReconcileMessage:
             if prefix_len:
                 raise RemoteProtocolError("INFINITY carries a prefix")
             upper = INFINITY
+            sound = sound and not at_infinity
+            at_infinity = True
         else:
             prev_ts += t - 1
             if prev_ts > MAX_TS:
                 raise RemoteProtocolError("bound time out of range")
             if prefix_len > end - pos:
                 raise RemoteProtocolError(_TRUNCATED)
-            upper = Bound(prev_ts, data[pos : pos + prefix_len])
+            prefix = data[pos : pos + prefix_len]
+            upper = new(Bound, (prev_ts, prefix))
             pos += prefix_len
-        mode = _MODES[mode_value]
-        if mode == skip:
-            append(Range(upper, mode))
+            if at_infinity or (t == 1 and finite and prefix <= last_prefix):
+                sound = False
+            finite, last_prefix = True, prefix
+        if mode_value == 0:
+            append(new(Range, (upper, skip, b"", 0, (), ())))
             continue
-        if mode == fingerprint_mode:
+        if mode_value == 1:
             if end - pos < ID_LEN:
                 raise RemoteProtocolError(_TRUNCATED)
             fingerprint = data[pos : pos + ID_LEN]
             pos += ID_LEN
-            count, pos = _read_varint(data, pos)
-            append(Range(upper, mode, fingerprint=fingerprint, count=count))
+            if pos < end and (count := data[pos]) < 0x80:
+                pos += 1
+            else:
+                count, pos = _read_varint(data, pos)
+            append(new(Range, (upper, fingerprint_mode, fingerprint, count, (), ())))
             continue
-        n, pos = _read_varint(data, pos)
+        if pos < end and (n := data[pos]) < 0x80:
+            pos += 1
+        else:
+            n, pos = _read_varint(data, pos)
         if n > MAX_IDS_PER_RANGE:
             raise RemoteProtocolError("too many ids")
         if ID_LEN * n > end - pos:
             raise RemoteProtocolError(_TRUNCATED)
-        ids = ((data[pos : pos + ID_LEN],) if n == 1
-               else tuple(data[i : i + ID_LEN] for i in range(pos, pos + ID_LEN * n, ID_LEN)))
+        if n == 1:
+            ids: tuple[bytes, ...] = (data[pos : pos + ID_LEN],)
+        else:  # split in C: a whole-range list can hold thousands of ids
+            ids = struct.unpack_from(_ID_FORMAT * n, data, pos)
+            if n > 1 and len(set(ids)) != n:
+                sound = False
         pos += ID_LEN * n
+        total += n
+        if mode_value == 2:
+            append(new(Range, (upper, idlist, b"", 0, ids, ())))
+            continue
+        m, pos = _read_varint(data, pos)
+        if m > MAX_IDS_PER_RANGE:
+            raise RemoteProtocolError("too many positions")
         missing: list[int] = []
-        if mode == Mode.DIFF:
-            m, pos = _read_varint(data, pos)
-            if m > MAX_IDS_PER_RANGE:
-                raise RemoteProtocolError("too many positions")
-            position = -1
-            for _ in range(m):
+        position = -1
+        for _ in range(m):
+            if pos < end and (gap := data[pos]) < 0x80:
+                pos += 1
+            else:
                 gap, pos = _read_varint(data, pos)
-                position += 1 + gap
-                missing.append(position)
-        append(Range(upper, mode, ids=ids, missing=tuple(missing)))
+            position += 1 + gap
+            missing.append(position)
+        total += m
+        append(new(Range, (upper, diff, b"", 0, ids, tuple(missing))))
     message = ReconcileMessage(tuple(ranges))
-    _DECODED[id(message)] = message
+    _mark_decoded(message, total if sound and at_infinity else _UNSOUND)
     return message
+
+
+def _mark_decoded(message: ReconcileMessage, mark: int) -> None:
+    object.__setattr__(message, "_decoded", mark)  # frozen: only here, once, at birth
 
 
 # ---- reconciliation ----------------------------------------------------------------------
@@ -341,14 +381,17 @@ def _key(bound: Bound) -> _KeyTuple:
 
 def _between(prev: _KeyTuple, key: _KeyTuple) -> Bound:
     """The shortest bound above ``prev`` and at or below ``key`` (bounds stay small)."""
-    if prev[0] != key[0]:
-        return Bound(key[0], b"")
+    ts = key[0]
+    if prev[0] != ts:
+        return _new(Bound, (ts, b""))
     a, b = prev[1], key[1]
     if len(a) != len(b) or a == b:
         raise ValueError("keys must differ and have ids of one length")
+    if a[0] != b[0]:  # ids are hashes: almost always
+        return _new(Bound, (ts, b[:1]))
     # The first differing byte, from the highest set bit of the XOR (ids are big-endian here).
     i = len(a) - 1 - ((int.from_bytes(a, "big") ^ int.from_bytes(b, "big")).bit_length() - 1) // 8
-    return Bound(key[0], b[: i + 1])
+    return _new(Bound, (ts, b[: i + 1]))
 
 
 def _bin(count: int) -> int:
@@ -402,20 +445,31 @@ class _Kind(IntEnum):
     READY = 2  # what to say is already in ``ranges``
 
 
-@dataclass(slots=True)
 class _Item:
-    """What we will say about one incoming range ``[lower, upper)``, our keys ``[lo, hi)``."""
+    """What we will say about one incoming range ``[lower, upper)``, our keys ``[lo, hi)``.
 
-    lo: int
-    hi: int
-    lower: Bound
-    upper: Bound
-    peer_count: int = 0
-    kind: _Kind = _Kind.SKIP
-    ranges: list[Range] = field(default_factory=list)
-    #: When the peer's keys here are ours except these (indices into our keys), a DIFF that
-    #: does not fit can be cut at any of our keys.
-    extras: list[int] | None = None
+    Only a range we have something to say about gets one; a range we skip is kept as its
+    bare upper bound (most ranges, so ``respond`` builds as little as it can per range).
+    """
+
+    __slots__ = ("cost", "extras", "hi", "kind", "lo", "lower", "peer_count", "ranges", "upper")
+
+    def __init__(self, lo: int, hi: int, lower: Bound, upper: Bound) -> None:
+        self.lo = lo
+        self.hi = hi
+        self.lower = lower
+        self.upper = upper
+        self.peer_count = 0
+        self.kind = _Kind.SKIP
+        self.ranges: list[Range] = []
+        #: The encoded size of ``ranges`` written after ``lower``.
+        self.cost = 0
+        #: When the peer's keys here are ours except these (indices into our keys), a DIFF
+        #: that does not fit can be cut at any of our keys.
+        self.extras: list[int] | None = None
+
+    def say(self, kind: _Kind, ranges: list[Range]) -> None:
+        self.kind, self.ranges, self.cost = kind, ranges, _ranges_size(self.lower[0], ranges)
 
 
 def _over_cap(ranges: Sequence[Range]) -> bool:
@@ -423,6 +477,58 @@ def _over_cap(ranges: Sequence[Range]) -> bool:
     in one range: a DIFF can name more of our keys than that even when the bytes fit.)"""
     return any(len(r.ids) > MAX_IDS_PER_RANGE or len(r.missing) > MAX_IDS_PER_RANGE
                for r in ranges)
+
+
+_first, _second = operator.itemgetter(0), operator.itemgetter(1)
+
+
+class SortedKeys(list[tuple[int, bytes]]):
+    """Keys as ``Reconciler`` needs them, kept by a store that hands them out often.
+
+    A list (what ``SyncSource.sync_keys`` returns) that changes only through ``add`` and
+    ``discard``: each key is checked once, when it arrives, and its id's value as an integer
+    is kept beside it. A ``Reconciler`` built from it copies these instead of checking and
+    converting every key again for every session (a simulated store holds thousands of keys
+    and reconciles twice per contact). The other list methods that change it raise
+    ``TypeError``, so nothing can put it out of order behind its back.
+    """
+
+    __slots__ = ("_id_set", "_ids", "_values")
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._ids: list[bytes] = []
+        self._id_set: set[bytes] = set()
+        self._values: list[int] = []
+
+    def add(self, key: tuple[int, bytes]) -> None:
+        """Insert ``key`` in order; ``LocalProtocolError`` if it is malformed or its id is held."""
+        ts, item_id = key
+        if type(ts) is not int or not 0 <= ts <= MAX_TS or type(item_id) is not bytes \
+                or len(item_id) != ID_LEN:
+            raise LocalProtocolError("keys must be (ts <= MAX_TS, 16-byte id) pairs")
+        if item_id in self._id_set:
+            raise LocalProtocolError("an id appears under two timestamps")
+        i = bisect_left(self, key)
+        list.insert(self, i, (ts, item_id))
+        self._ids.insert(i, item_id)
+        self._values.insert(i, int.from_bytes(item_id, "little"))
+        self._id_set.add(item_id)
+
+    def discard(self, key: tuple[int, bytes]) -> None:
+        """Remove ``key`` if present."""
+        i = bisect_left(self, key)
+        if i < len(self) and self[i] == key:
+            list.__delitem__(self, i)
+            del self._ids[i]
+            del self._values[i]
+            self._id_set.discard(key[1])
+
+    def _sealed(self, *args: object, **kwargs: object) -> NoReturn:
+        raise TypeError("SortedKeys changes only through add() and discard()")
+
+    append = extend = insert = pop = remove = clear = sort = reverse = _sealed
+    __setitem__ = __delitem__ = __iadd__ = __imul__ = _sealed
 
 
 class Reconciler:
@@ -448,31 +554,23 @@ class Reconciler:
             raise LocalProtocolError("max_message_bytes must be at least 1024")
         if not 2 <= branching <= 256:
             raise LocalProtocolError("branching must be between 2 and 256")
-        self._keys: list[_KeyTuple] = list(keys)
-        try:
-            self._ids = [k[1] for k in self._keys]
-            stamps = [k[0] for k in self._keys]
-        except (TypeError, IndexError, KeyError):
-            raise LocalProtocolError("keys must be (ts, id) pairs") from None
-        if self._keys and not (
-            set(map(type, stamps)) == {int}
-            and 0 <= min(stamps) <= max(stamps) <= MAX_TS
-            and set(map(type, self._ids)) == {bytes}
-            and set(map(len, self._ids)) == {ID_LEN}
-        ):
-            raise LocalProtocolError("keys must be (ts <= MAX_TS, 16-byte id) pairs")
-        if not all(map(operator.lt, self._keys, islice(self._keys, 1, None))):
-            raise LocalProtocolError("keys must be sorted and unique")
-        self._id_set = set(self._ids)
-        if len(self._id_set) != len(self._ids):
-            raise LocalProtocolError("an id appears under two timestamps")
+        self._keys: list[_KeyTuple] = list(keys)  # our own copy: the store changes meanwhile
+        #: A tuple, so a slice compares with a peer's id list in one step.
+        self._ids: tuple[bytes, ...]
+        if type(keys) is SortedKeys:  # checked and converted as they arrived
+            self._ids, self._id_set = tuple(keys._ids), set(keys._id_set)
+            values: Iterable[int] = keys._values
+        else:
+            self._ids, self._id_set = self._check(self._keys)
+            little: Literal["little"] = "little"
+            values = map(int.from_bytes, self._ids, repeat(little))
         # Prefix sums make any range's fingerprint two lookups and one hash.
-        little: Literal["little"] = "little"
-        self._sums = [0, *accumulate(map(int.from_bytes, self._ids, repeat(little)))]
+        self._sums = [0, *accumulate(values)]
         self._budget = max_message_bytes
         self._branching = branching
         # A list always fits in half a message, leaving room for everything else.
-        self._list_max = max(1, min(idlist_threshold, MAX_IDS_PER_RANGE, (max_message_bytes // 2 - 64) // 16))
+        self._whole_max = max(1, min(MAX_IDS_PER_RANGE, (max_message_bytes // 2 - 64) // 16))
+        self._list_max = min(idlist_threshold, self._whole_max)
         self._max_need = max_need
         self._max_ids = 2 * max_message_bytes // ID_LEN + 16
         self._tests_left = 0
@@ -480,6 +578,33 @@ class Reconciler:
         self._finished = False
         self.have: set[bytes] = set()
         self.need: set[bytes] = set()
+
+    @staticmethod
+    def _check(keys: list[_KeyTuple]) -> tuple[tuple[bytes, ...], set[bytes]]:
+        """The ids of ``keys`` and their set, once ``keys`` are found to be as promised."""
+        try:
+            ids = tuple(map(_second, keys))
+            stamps = list(map(_first, keys))
+        except (TypeError, IndexError, KeyError):
+            raise LocalProtocolError("keys must be (ts, id) pairs") from None
+        if keys:
+            well_typed = (set(map(type, stamps)) == {int} and set(map(type, ids)) == {bytes}
+                          and set(map(len, ids)) == {ID_LEN})
+            ordered = well_typed and all(map(operator.lt, keys, islice(keys, 1, None)))
+            if not well_typed:
+                low = high = -1
+            elif ordered:  # the extreme times are at the ends
+                low, high = stamps[0], stamps[-1]
+            else:
+                low, high = min(stamps), max(stamps)
+            if not (well_typed and 0 <= low <= high <= MAX_TS):
+                raise LocalProtocolError("keys must be (ts <= MAX_TS, 16-byte id) pairs")
+            if not ordered:
+                raise LocalProtocolError("keys must be sorted and unique")
+        id_set = set(ids)
+        if len(id_set) != len(ids):
+            raise LocalProtocolError("an id appears under two timestamps")
+        return ids, id_set
 
     @property
     def done(self) -> bool:
@@ -512,41 +637,75 @@ class Reconciler:
         Raises ``RemoteProtocolError`` (and nothing else) on a malformed message.
         """
         ranges = self._validate(message)
-        items: list[_Item] = []
+        items: list[_Item | Bound] = []  # a bare bound: a range we skip
+        add = items.append
+        ready: list[_Item] = []
+        details: list[_Item] = []
         counts: dict[int, list[int]] = {}
         gaps: list[tuple[int, int]] = []  # (their count - ours, ours) where fingerprints differ
         self._tests_left = _SINGLE_TEST_BUDGET
         lo, lower = 0, _BOTTOM
-        keys = self._keys
+        keys, ours, n_keys = self._keys, self._ids, len(self._keys)
+        fingerprint_mode, idlist, diff = Mode.FINGERPRINT, Mode.IDLIST, Mode.DIFF
         for r in ranges:
-            upper = r.upper
-            item = _Item(lo, bisect_left(keys, (upper.ts, upper.id_prefix), lo), lower, upper)
-            if r.mode == Mode.FINGERPRINT:
-                same = r.count == item.hi - item.lo and self._fingerprint(item.lo, item.hi) == r.fingerprint
-                counts.setdefault(_bin(item.hi - item.lo), [0, 0])[0 if same else 1] += 1
-                if not same:
-                    gaps.append((r.count - (item.hi - item.lo), item.hi - item.lo))
-                    self._on_mismatch(item, r)
-            elif r.mode == Mode.IDLIST:
-                self._on_list(item, r.ids)
-            elif r.mode == Mode.DIFF:
-                self._on_diff(item, r)
-            items.append(item)
-            lo, lower = item.hi, r.upper
-        fixed = 8 * len(items) + sum(self._cost(i, i.ranges) for i in items if i.ranges)
-        details = [i for i in items if i.kind == _Kind.DETAIL]
+            upper, mode, fingerprint, count, ids, missing = r
+            # Our keys below ``upper`` (a bound is a tuple: it compares with keys). Ranges
+            # hold few of our keys as a rule, so look at the next two before bisecting.
+            if lo == n_keys or not keys[lo] < upper:
+                hi = lo
+            elif lo + 1 == n_keys or not keys[lo + 1] < upper:
+                hi = lo + 1
+            else:
+                hi = bisect_left(keys, upper, lo + 2)
+            if mode == idlist:
+                if len(ids) == hi - lo and ids == ours[lo:hi]:
+                    add(upper)  # the common case: the same list, nothing to say
+                    lo, lower = hi, upper
+                    continue
+                item = _Item(lo, hi, lower, upper)
+                self._on_list(item, ids)
+            elif mode == fingerprint_mode:
+                m = hi - lo
+                same = count == m and self._fingerprint(lo, hi) == fingerprint
+                counts.setdefault(_bin(m), [0, 0])[0 if same else 1] += 1
+                if same:
+                    add(upper)
+                    lo, lower = hi, upper
+                    continue
+                gaps.append((count - m, m))
+                item = _Item(lo, hi, lower, upper)
+                self._on_mismatch(item, r)
+            else:
+                if mode == diff:  # the peer knows the difference here: record it, say nothing
+                    if missing and missing[-1] >= hi - lo:
+                        raise RemoteProtocolError("position beyond our keys in the range")
+                    self._learn(ids)
+                    self.have.update(ours[lo + p] for p in missing)
+                add(upper)
+                lo, lower = hi, upper
+                continue
+            if item.kind == _Kind.READY:
+                ready.append(item)
+                add(item)
+            elif item.kind == _Kind.DETAIL:
+                details.append(item)
+                add(item)
+            else:
+                add(upper)
+            lo, lower = hi, upper
+        fixed = 8 * len(items) + sum(i.cost for i in ready)
         self._plan(details, max(_estimate_density(counts), _gap_density(gaps)), fixed)
         return self._write(items)
 
     # ---- reading -----------------------------------------------------------------------
 
     def _fingerprint(self, lo: int, hi: int) -> bytes:
+        # (sum mod 2**128, 16 bytes LE) || (count, 8 bytes LE), as one 24-byte integer.
         total = (self._sums[hi] - self._sums[lo]) & _MASK
-        data = total.to_bytes(16, "little") + (hi - lo).to_bytes(8, "little")
-        return blake2b(data, digest_size=16).digest()
+        return blake2b((total | (hi - lo) << 128).to_bytes(24, "little"), digest_size=16).digest()
 
     def _fingerprint_range(self, upper: Bound, lo: int, hi: int) -> Range:
-        return Range(upper, Mode.FINGERPRINT, self._fingerprint(lo, hi), hi - lo)
+        return _new(Range, (upper, Mode.FINGERPRINT, self._fingerprint(lo, hi), hi - lo, (), ()))
 
     def _validate(self, message: ReconcileMessage) -> Sequence[Range]:
         """Check all that needs none of our keys, before any state changes."""
@@ -557,10 +716,10 @@ class Reconciler:
             raise RemoteProtocolError("reconcile message without ranges")
         if len(ranges) > MAX_RANGES_PER_MESSAGE:
             raise RemoteProtocolError("too many ranges")
+        if message._decoded != _NOT_DECODED:
+            return self._validate_decoded(ranges, message._decoded)
         prev: _KeyTuple | None = None
         total_ids = 0
-        if _DECODED.get(id(message)) is message:
-            return self._validate_decoded(ranges)
         for r in ranges:
             if not isinstance(r, Range) or not isinstance(r.upper, Bound):
                 raise RemoteProtocolError("malformed range")
@@ -611,9 +770,12 @@ class Reconciler:
             raise RemoteProtocolError("last range does not end at infinity")
         return ranges
 
-    def _validate_decoded(self, ranges: Sequence[Range]) -> Sequence[Range]:
+    def _validate_decoded(self, ranges: Sequence[Range], mark: int) -> Sequence[Range]:
         """``_validate`` for a message from ``decode_message``: the same outcome, without
-        the type, mode, payload, length and position checks that decoding already made."""
+        the type, mode, payload, length and position checks that decoding already made,
+        nor (when its ``mark`` says it is sound and within our id budget) any other."""
+        if 0 <= mark <= self._max_ids:
+            return ranges
         prev: _KeyTuple | None = None
         total_ids = 0
         max_ids = self._max_ids
@@ -645,38 +807,42 @@ class Reconciler:
     def _on_list(self, item: _Item, ids: Sequence[bytes]) -> None:
         """Resolve the peer's complete list for ``item`` and answer with the difference."""
         lo, hi = item.lo, item.hi
-        if len(ids) == hi - lo and all(map(operator.eq, ids, self._ids[lo:hi])):
-            item.peer_count = len(ids)  # the common case: the same list, nothing to say
+        ours = self._ids
+        mine = ours[lo:hi]
+        if len(ids) == hi - lo and all(map(operator.eq, ids, mine)):
+            item.peer_count = len(ids)  # the same list, nothing to say
             return
-        position = {self._ids[j]: j for j in range(lo, hi)}
-        missing: list[int] = []
+        # Where each listed id is among our keys, in C (a whole-range list can be long).
+        position = dict(zip(mine, range(lo, hi), strict=True))
+        found = list(map(position.get, ids))
+        missing = [p for p, j in enumerate(found) if j is None]
+        held = [j for j in found if j is not None]
+        if any(ids[p] in self._id_set for p in missing) or not all(
+                map(operator.lt, held, islice(held, 1, None))):
+            self._reject_list(ids, position)
+        self._learn([ids[p] for p in missing])
+        theirs = set(ids)
+        extras = [j for j, x in zip(range(lo, hi), mine, strict=True) if x not in theirs]
+        self.have.update(map(ours.__getitem__, extras))
+        item.peer_count = len(ids)
+        if extras or missing:
+            item.say(_Kind.READY, [self._diff(item.upper, extras, missing)])
+            item.extras = None if missing else extras
+
+    def _reject_list(self, ids: Sequence[bytes], position: dict[bytes, int]) -> None:
+        """Raise what is first wrong with a list that names an id we hold outside the range,
+        or our ids out of order (walked in list order, so the reason is the first fault)."""
         last = -1
-        for p, x in enumerate(ids):
+        for x in ids:
             j = position.get(x)
             if j is None:
                 if x in self._id_set:
                     raise RemoteProtocolError("listed id outside its range")
-                missing.append(p)
             elif j <= last:
                 raise RemoteProtocolError("id list out of order")
             else:
                 last = j
-        self._learn([ids[p] for p in missing])
-        theirs = set(ids)
-        extras = [j for j in range(lo, hi) if self._ids[j] not in theirs]
-        self.have.update(self._ids[j] for j in extras)
-        item.peer_count = len(ids)
-        if extras or missing:
-            item.kind = _Kind.READY
-            item.ranges = [self._diff(item.upper, extras, missing)]
-            item.extras = None if missing else extras
-
-    def _on_diff(self, item: _Item, r: Range) -> None:
-        """The peer knows the difference here and tells it: record it; nothing to answer."""
-        if r.missing and r.missing[-1] >= item.hi - item.lo:
-            raise RemoteProtocolError("position beyond our keys in the range")
-        self._learn(r.ids)
-        self.have.update(self._ids[item.lo + p] for p in r.missing)
+        raise AssertionError("a list found faulty has no fault")
 
     def _on_mismatch(self, item: _Item, r: Range) -> None:
         """A fingerprint differs; if the peer's keys are a subset of ours we can name, say which
@@ -708,35 +874,16 @@ class Reconciler:
         if extras is None:
             return
         self.have.update(self._ids[j] for j in extras)
-        item.kind, item.extras = _Kind.READY, extras
-        item.ranges = [self._diff(item.upper, extras, [])]
+        item.say(_Kind.READY, [self._diff(item.upper, extras, [])])
+        item.extras = extras
 
     def _diff(self, upper: Bound, extras: Sequence[int], missing: Sequence[int]) -> Range:
         # May exceed MAX_IDS_PER_RANGE (our side of a range can hold any number of keys);
         # ``_write`` cuts such a DIFF down before it goes out (``_over_cap``).
-        return Range(upper, Mode.DIFF, ids=tuple(self._ids[j] for j in extras), missing=tuple(missing))
+        ids = tuple(map(self._ids.__getitem__, extras))
+        return _new(Range, (upper, Mode.DIFF, b"", 0, ids, tuple(missing)))
 
     # ---- writing -----------------------------------------------------------------------
-
-    @staticmethod
-    def _sizes(item: _Item, ranges: Sequence[Range]) -> list[int]:
-        """Exact size of each of ``ranges`` written for ``item`` (after ``item.lower``)."""
-        sizes, prev_ts = [], item.lower.ts
-        for r in ranges:
-            sizes.append(_range_size(prev_ts, r))
-            if r.upper.ts != _INFINITY_TS:
-                prev_ts = r.upper.ts
-        return sizes
-
-    @staticmethod
-    def _cost(item: _Item, ranges: Sequence[Range]) -> int:
-        """Exact size of ``ranges`` written for ``item`` (the previous bound is ``item.lower``)."""
-        size, prev_ts = 0, item.lower.ts
-        for r in ranges:
-            size += _range_size(prev_ts, r)
-            if r.upper.ts != INFINITY.ts:
-                prev_ts = r.upper.ts
-        return size
 
     def _plan(self, items: list[_Item], density: float, fixed: int) -> None:
         """Choose the detail for each mismatched range so that the reply fits the budget.
@@ -766,7 +913,21 @@ class Reconciler:
                 break
             limit, scale = max(2, limit * 3 // 4), scale * 0.75
         for item, k in zip(items, wanted, strict=True):
-            item.ranges = self._detail(item, limit, max(2, int(k * scale)), tail=True)
+            parts = max(2, int(k * scale))
+            item_limit = self._list_limit(item, limit, parts)
+            item.ranges, item.cost = self._detail(item, item_limit, parts, tail=True)
+
+    def _list_limit(self, item: _Item, limit: int, parts: int) -> int:
+        """``limit``, or all our keys in the range if cutting it into ``parts`` would leave
+        pieces of under two keys on average.
+
+        Such pieces are mostly one-key lists, each a bound, a mode and a count on top of its
+        id, and the two-key fingerprints among them would mostly differ and need another
+        round: listing the range outright costs about as many bytes per key and settles it
+        in this round. (Also far fewer ranges to build and parse on a dense difference.)
+        """
+        m = item.hi - item.lo
+        return m if 2 * parts > m and m <= self._whole_max else limit
 
     def _echoes(self, item: _Item) -> bool:
         """Send our fingerprint back: the peer has one key more, which it can then name, or
@@ -783,6 +944,7 @@ class Reconciler:
         count = item.hi - item.lo
         if self._echoes(item):
             return _FP_COST
+        limit = self._list_limit(item, limit, parts)
         if count <= limit:
             return 16 * count + 8
         if item.upper == INFINITY:
@@ -790,19 +952,22 @@ class Reconciler:
             return _FP_COST * parts + 16 * limit
         return _FP_COST * parts
 
-    def _detail(self, item: _Item, limit: int, parts: int, *, tail: bool) -> list[Range]:
+    def _detail(self, item: _Item, limit: int, parts: int, *, tail: bool) -> tuple[list[Range], int]:
         """Our fingerprint back (``_echoes``), our ids if at most ``limit``, else ``parts``
-        equal-count sub-ranges.
+        equal-count sub-ranges; with their encoded size after ``item.lower``.
 
         With ``tail``, the range that ends at INFINITY gets its newest ``limit`` keys listed,
         then sub-ranges of ``limit``, ``2*limit``, ``4*limit``... keys below them.
         """
         lo, hi = item.lo, item.hi
         count = hi - lo
+        whole: Range | None = None
         if self._echoes(item):
-            return [self._fingerprint_range(item.upper, lo, hi)]
-        if count <= limit:
-            return [Range(item.upper, Mode.IDLIST, ids=tuple(self._ids[lo:hi]))]
+            whole = self._fingerprint_range(item.upper, lo, hi)
+        elif count <= limit:
+            whole = _new(Range, (item.upper, Mode.IDLIST, b"", 0, self._ids[lo:hi], ()))
+        if whole is not None:
+            return [whole], _ranges_size(item.lower[0], (whole,))
         cuts: list[int] = []
         top, size = hi, limit
         while tail and item.upper == INFINITY and size > 0 and (not cuts or size <= count // parts // 2):
@@ -811,20 +976,46 @@ class Reconciler:
             size *= 2 if len(cuts) > 1 else 1
         n = max(1, round((top - lo) * parts / count))
         cuts.extend(lo + (top - lo) * j // n for j in range(1, n))
+        # Written flat (``_between``, ``_fingerprint`` and ``_ranges_size`` inline): on a
+        # dense difference this cuts a range into one piece per key.
+        keys, ids, sums = self._keys, self._ids, self._sums
+        idlist, fingerprint_mode = Mode.IDLIST, Mode.FINGERPRINT
         ranges: list[Range] = []
-        start = lo
+        add = ranges.append
+        start, prev_ts, cost = lo, item.lower[0], 0
         for cut in [*sorted(set(cuts)), hi]:
             if cut <= start:
                 continue
-            upper = _between(self._keys[cut - 1], self._keys[cut]) if cut < hi else item.upper
-            if cut - start <= 1 or (top < hi and cut == hi and cut - start <= limit):
-                ranges.append(Range(upper, Mode.IDLIST, ids=tuple(self._ids[start:cut])))
+            if cut < hi:
+                (below_ts, below), (ts, key_id) = keys[cut - 1], keys[cut]
+                if below_ts != ts:
+                    upper = _new(Bound, (ts, b""))
+                elif below[0] != key_id[0]:
+                    upper = _new(Bound, (ts, key_id[:1]))
+                else:
+                    upper = _between(keys[cut - 1], keys[cut])
             else:
-                ranges.append(self._fingerprint_range(upper, start, cut))
+                upper = item.upper
+                ts = upper[0]
+            if ts == _INFINITY_TS:
+                cost += 2
+            else:
+                delta = ts - prev_ts + 1
+                cost += (2 if delta < 0x80 else 1 + (delta.bit_length() + 6) // 7) + len(upper[1])
+                prev_ts = ts
+            k = cut - start
+            if k <= 1 or (top < hi and cut == hi and k <= limit):
+                add(_new(Range, (upper, idlist, b"", 0, ids[start:cut], ())))
+                cost += (1 if k < 0x80 else _varint_len(k)) + ID_LEN * k
+            else:
+                total = (sums[cut] - sums[start]) & _MASK
+                fingerprint = blake2b((total | k << 128).to_bytes(24, "little"), digest_size=16).digest()
+                add(_new(Range, (upper, fingerprint_mode, fingerprint, k, (), ())))
+                cost += ID_LEN + (1 if k < 0x80 else _varint_len(k))
             start = cut
-        return ranges
+        return ranges, cost
 
-    def _coarse(self, item: _Item, room: int) -> list[Range]:
+    def _coarse(self, item: _Item, room: int) -> tuple[list[Range], int]:
         """The least detail that still makes progress: our ids if they fit, else two halves."""
         return self._detail(item, min(self._list_max, max(0, room - 40) // 16), 2, tail=False)
 
@@ -841,7 +1032,7 @@ class Reconciler:
         bound = _between(self._keys[end - 1], self._keys[end])
         return [self._diff(bound, item.extras[:fit], []), self._fingerprint_range(item.upper, end, item.hi)]
 
-    def _write(self, items: list[_Item]) -> ReconcileMessage | None:
+    def _write(self, items: list[_Item | Bound]) -> ReconcileMessage | None:
         """Assemble the reply within budget, merging skips.
 
         Detail that does not fit is cut coarser (a DIFF: the part that fits), else replaced by
@@ -850,58 +1041,53 @@ class Reconciler:
         every round makes progress.
         """
         out: list[Range] = []
-        sizes: list[int] = []
         size, asks = 0, False
-        skip = Mode.SKIP
-
+        skip, ready_kind = Mode.SKIP, _Kind.READY
+        skipping: Bound | None = None  # the upper bound of the run of skips not yet written
         # ``out`` always ends at the previous item's upper bound (= this item's ``lower``),
-        # so a detail's sizes from ``_sizes`` are its sizes in the message.
+        # so a detail's ``cost`` is its size in the message.
         for item in items:
+            if not isinstance(item, _Item):
+                skipping = item
+                continue
+            if skipping is not None:  # one skip range for the whole run
+                ts = skipping[0]
+                if ts == _INFINITY_TS:
+                    size += 2
+                else:
+                    delta = ts - (out[-1].upper[0] if out else 0) + 1
+                    size += (2 if delta < 0x80 else 1 + (delta.bit_length() + 6) // 7) + len(skipping[1])
+                out.append(_new(Range, (skipping, skip, b"", 0, (), ())))
+                skipping = None
             room = self._budget - _RESERVE - size
             slots = MAX_RANGES_PER_MESSAGE - len(out) - 2
-            detail = item.ranges
-            if item.kind == _Kind.SKIP:  # ``_range_size`` inlined: most items are skips
-                if out and out[-1].mode == skip:
-                    out.pop()
-                    size -= sizes.pop()
-                prev_ts = out[-1].upper.ts if out else 0
-                upper = item.upper
-                if upper.ts == _INFINITY_TS:
-                    cost = 2
-                else:
-                    delta = upper.ts - prev_ts + 1
-                    cost = (2 if delta < 0x80 else 1 + (delta.bit_length() + 6) // 7) + len(upper.id_prefix)
-                out.append(Range(upper, skip))
-                sizes.append(cost)
-                size += cost
-                continue
-            detail_sizes = self._sizes(item, detail)
+            detail, cost = item.ranges, item.cost
             # Only a DIFF we resolved can exceed the per-range caps; what ``_detail``,
             # ``_coarse`` and ``_partial_diff`` build stays within them.
-            ready = item.kind == _Kind.READY
-            if (sum(detail_sizes) > room or len(detail) > slots
-                    or (ready and _over_cap(detail))) and slots >= 2:
+            ready = item.kind == ready_kind
+            if (cost > room or len(detail) > slots or (ready and _over_cap(detail))) and slots >= 2:
                 if item.extras is not None:
                     detail = self._partial_diff(item, room)
-                    detail_sizes = self._sizes(item, detail)
+                    cost = _ranges_size(item.lower[0], detail)
                 else:  # DETAIL, or a READY DIFF that also names positions (cannot be cut)
-                    detail = self._coarse(item, room)
-                    detail_sizes = self._sizes(item, detail)
-            if sum(detail_sizes) <= room and 0 < len(detail) <= slots \
+                    detail, cost = self._coarse(item, room)
+            if cost <= room and 0 < len(detail) <= slots \
                     and not (ready and detail is item.ranges and _over_cap(detail)):
                 pass
-            elif 24 + len(item.upper.id_prefix) <= room and slots >= 1:
+            elif 24 + len(item.upper[1]) <= room and slots >= 1:
                 detail = [self._fingerprint_range(item.upper, item.lo, item.hi)]
-                detail_sizes = self._sizes(item, detail)
+                cost = _ranges_size(item.lower[0], detail)
             else:
                 out.append(self._fingerprint_range(INFINITY, item.lo, len(self._keys)))
                 asks = True
                 break
             out.extend(detail)
-            sizes.extend(detail_sizes)
-            size += sum(detail_sizes)
+            size += cost
             asks = asks or any(r.mode in (Mode.FINGERPRINT, Mode.IDLIST) for r in detail)
+        else:
+            if skipping is not None:
+                out.append(_new(Range, (skipping, skip, b"", 0, (), ())))
         self._finished = not asks
-        if not asks and all(r.mode == Mode.SKIP for r in out):
+        if not asks and all(r.mode == skip for r in out):
             return None
         return ReconcileMessage(tuple(out))

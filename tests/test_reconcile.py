@@ -12,7 +12,7 @@ sync 1 round trip ~350 B; n=100k d=100 newest 3 round trips ~3.2 KB; n=100k d=10
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from hashlib import blake2b
 from typing import Any
 
@@ -32,6 +32,7 @@ from mesh.reconcile import (
     Range,
     ReconcileMessage,
     Reconciler,
+    SortedKeys,
     decode_message,
     encode_message,
     encoded_size,
@@ -283,6 +284,58 @@ def test_bad_keys_are_local_errors(keys: list[Any]) -> None:
 def test_too_small_a_budget_is_a_local_error() -> None:
     with pytest.raises(LocalProtocolError):
         Reconciler([], max_message_bytes=1000)
+
+
+def test_sorted_keys_reconcile_as_the_checked_list_does() -> None:
+    """``Reconciler`` trusts a ``SortedKeys`` (checked key by key as it was filled) instead of
+    checking and converting the keys again: every message and the result must be the same."""
+    rng = random.Random(21)
+    keys = random_keys(rng, 600, ts_span=64)
+    held = SortedKeys()
+    for key in rng.sample(keys, len(keys)):
+        held.add(key)
+    for key in rng.sample(keys, 60):
+        held.discard(key)
+    held.discard((1, b"\x00" * 16))  # absent: nothing happens
+    assert held == sorted(set(keys) - (set(keys) - set(held))) and len(held) == 540
+    peer = [k for k in keys if rng.random() < 0.8]
+    for ours in (held, list(held)):
+        conversation = converse(peer, ours, max_message_bytes=4096)
+        assert_exact(conversation, peer, list(held))
+    trusted, checked = Reconciler(held), Reconciler(list(held))
+    assert (trusted._ids, trusted._id_set, trusted._sums) == (checked._ids, checked._id_set, checked._sums)
+    assert encode_message(trusted.initiate()) == encode_message(checked.initiate())
+
+
+def test_sorted_keys_refuse_bad_keys_and_changes_behind_their_back() -> None:
+    held = SortedKeys()
+    held.add((5, b"\x01" * 16))
+    for bad in [(5, b"\x01" * 16), (6, b"\x01" * 16), (MAX_TS + 1, b"\x02" * 16), (-1, b"\x02" * 16),
+                (True, b"\x02" * 16), (5, b"\x02" * 15), (5, bytearray(16))]:
+        with pytest.raises(LocalProtocolError):
+            held.add(bad)  # type: ignore[arg-type]
+    key = (7, b"\x03" * 16)
+    for change in [lambda: held.append(key), lambda: held.extend([key]), lambda: held.insert(0, key),
+                   held.pop, lambda: held.remove(key), held.clear, held.sort, held.reverse,
+                   lambda: held.__setitem__(0, key), lambda: held.__delitem__(0),
+                   lambda: held.__iadd__([key]), lambda: held.__imul__(2)]:
+        with pytest.raises(TypeError):
+            change()
+    assert held == [(5, b"\x01" * 16)]
+
+
+def test_a_dense_difference_is_listed_outright_not_cut_into_single_keys() -> None:
+    """About one key in ten differs: cutting the opening's ranges into about two pieces per
+    expected difference would leave pieces of one or two keys (943 ranges, as it once did),
+    so each range goes out as one list."""
+    rng = random.Random(8)
+    keys = random_keys(rng, 2000, ts_span=600)
+    a, b = drop_each_from_one_side(rng, keys, rng.sample(range(len(keys)), 200))
+    initiator, responder = Reconciler(a), Reconciler(b)
+    reply = responder.respond(initiator.initiate())
+    assert reply is not None
+    assert len(reply.ranges) <= 8 and max(len(r.ids) for r in reply.ranges) > 200
+    assert_exact(converse(a, b), a, b)
 
 
 # ---- hostile input --------------------------------------------------------------------------
@@ -610,11 +663,11 @@ def test_decoded_messages_get_the_same_verdict_as_the_full_checks() -> None:
                 if listing and rng.random() < 0.3:  # an id twice in one range
                     i = rng.choice(listing)
                     ids = ranges[i].ids
-                    ranges[i] = replace(ranges[i], ids=(*ids, ids[rng.randrange(len(ids))]))
+                    ranges[i] = ranges[i]._replace(ids=(*ids, ids[rng.randrange(len(ids))]))
                     damaged = bytearray(encode_message(ReconcileMessage(tuple(ranges))))
                 elif len(ranges) > 2 and rng.random() < 0.3:  # a bound repeated
                     i = rng.randrange(len(ranges) - 2)
-                    ranges[i + 1] = replace(ranges[i + 1], upper=ranges[i].upper)
+                    ranges[i + 1] = ranges[i + 1]._replace(upper=ranges[i].upper)
                     damaged = bytearray(encode_message(ReconcileMessage(tuple(ranges))))
                 elif rng.random() < 0.5 and len(damaged) > 40:  # repeat some bytes
                     start = rng.randrange(len(damaged) - 16)

@@ -344,20 +344,17 @@ def test_decoded_reconcile_messages_skip_only_checks_decoding_made(
     shortcuts = 0
     real_shortcut = reconcile.Reconciler._validate_decoded
 
-    def counted(self: reconcile.Reconciler, ranges: object) -> object:
+    def counted(self: reconcile.Reconciler, ranges: object, mark: int) -> object:
         nonlocal shortcuts
         shortcuts += 1
-        return real_shortcut(self, ranges)  # type: ignore[arg-type]
+        return real_shortcut(self, ranges, mark)  # type: ignore[arg-type]
 
     monkeypatch.setattr(reconcile.Reconciler, "_validate_decoded", counted)
     fast = Simulation(config, nodes=10, contacts=contacts, messages=messages).run()
     assert shortcuts > 100  # the shortcut really ran
 
-    class Forgetful(dict[int, object]):
-        def __setitem__(self, key: int, value: object) -> None:
-            pass  # nothing is marked as decoded: every message gets the full checks
-
-    monkeypatch.setattr(reconcile, "_DECODED", Forgetful())
+    # Nothing is marked as decoded: every message gets the full checks.
+    monkeypatch.setattr(reconcile, "_mark_decoded", lambda message, mark: None)
     shortcuts = 0
     full = Simulation(config, nodes=10, contacts=contacts, messages=messages).run()
     assert shortcuts == 0

@@ -30,6 +30,7 @@ from bisect import bisect_left, insort
 from dataclasses import dataclass
 
 from mesh.envelope import Envelope, Receipt, mutable_bytes
+from mesh.reconcile import SortedKeys
 from mesh.routing import KIND_ENVELOPE, KIND_RECEIPT, KIND_TOMBSTONE
 from mesh.store import AddResult
 
@@ -62,7 +63,8 @@ class MemStore:
         self.quota_bytes = quota_bytes
         self.neighbour_quota = int(quota_bytes * neighbour_share)
         self._items: dict[bytes, SimItem] = {}
-        self._keys: list[tuple[int, bytes]] = []
+        #: Kept ready for ``Reconciler`` (checked and converted once per key, not per session).
+        self._keys = SortedKeys()
         #: receipt hash -> ids of held envelopes carrying it (normally exactly one).
         self._by_receipt: dict[bytes, list[bytes]] = {}
         #: ``Receipt.answers`` of every held receipt -> that receipt's id.
@@ -82,8 +84,8 @@ class MemStore:
     # ---- SyncSource ----------------------------------------------------------------
 
     def sync_keys(self) -> list[tuple[int, bytes]]:
-        """Sorted ``(ts, id)`` of every item. The list is the store's own: do not mutate it
-        (``Reconciler`` copies what it is given)."""
+        """Sorted ``(ts, id)`` of every item. The list is the store's own (a ``SortedKeys``,
+        which only the store changes; ``Reconciler`` copies what it is given)."""
         return self._keys
 
     def get_item(self, item_id: bytes) -> SimItem | None:
@@ -218,7 +220,7 @@ class MemStore:
 
     def _insert(self, item: SimItem) -> None:
         self._items[item.id] = item
-        insort(self._keys, (item.ts, item.id))
+        self._keys.add((item.ts, item.id))
         heapq.heappush(self._expiry, (item.expires_at, item.id))
         if item.kind == KIND_RECEIPT:
             assert item.receipt_hash is not None
@@ -274,4 +276,4 @@ class MemStore:
         elif item.kind == KIND_RECEIPT and item.receipt_hash is not None:
             self._answered.pop(item.receipt_hash, None)
         del self._items[item.id]
-        del self._keys[bisect_left(self._keys, (item.ts, item.id))]
+        self._keys.discard((item.ts, item.id))

@@ -83,11 +83,11 @@ def judge(results: dict[str, dict[str, dict[str, Any]]]) -> list[dict[str, Any]]
                       and pig["overhead_ratio"] <= limit})
         airtime = {p: r["bytes_relayed_per_delivered_byte"] for p, r in runs.items()}
         others = ", ".join(f"{p} {airtime[p]}" for p in POLICY_NAMES if p != "pigeon")
-        goals.append({"goal": f"{name}: pigeon bytes on the air per delivered byte <= "
-                      f"epidemic's ({others})",
-                      "limit": airtime["epidemic"], "measured": airtime["pigeon"],
-                      "met": None not in (airtime["pigeon"], airtime["epidemic"])
-                      and airtime["pigeon"] <= airtime["epidemic"]})
+        # The issue asks for this figure to be reported (airtime is what counts on BLE),
+        # with no goal: the row says so instead of judging it.
+        goals.append({"goal": f"{name}: pigeon bytes on the air per delivered byte ({others})",
+                      "limit": None, "measured": airtime["pigeon"], "met": None,
+                      "report_only": True})
         slowest = max(r["runtime_s"] for r in runs.values())
         slowest_cpu = max(r["cpu_s"] for r in runs.values())
         goals.append({"goal": f"{name}: {pig['nodes']} nodes x {pig['duration'] / 3600:.0f} h "

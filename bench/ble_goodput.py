@@ -31,7 +31,7 @@ import os
 import statistics
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -39,12 +39,10 @@ from bumble.core import UUID
 from bumble.device import Peer
 
 from bench.common import cli, pyplot
-from mesh.identity import Identity, encode_contact
-from mesh.node import Node, NodeConfig
-from mesh.store import Store
 from mesh.transports.ble import RX_UUID, SERVICE_UUID, TX_UUID, BleLink
 from mesh.transports.ble_framing import DEFAULT_WINDOW, HEADER, MAX_CHUNK, MAX_FRAGMENT
 from tests.ble_support import BumblePeripheral, BumbleWorld
+from tests.test_node import befriend, make_node
 
 NAME = "ble_goodput"
 MTUS = (23, 517)
@@ -64,15 +62,13 @@ class Handler:
     """The peripheral's ``PeripheralHandler``; each measurement points it elsewhere."""
 
     target: Any = None
-    gone: Any = None
 
     def on_write(self, peer: str, value: bytes) -> None:
         if self.target is not None:
             self.target(peer, value)
 
     def on_disconnect(self, peer: str) -> None:
-        if self.gone is not None:
-            self.gone(peer)
+        pass
 
 
 @dataclass
@@ -85,7 +81,7 @@ class Connected:
     rx: Any
     peripheral: BumblePeripheral
     handler: Handler
-    on_notify: list[Any] = field(default_factory=lambda: [None])
+    on_notify: Any = None
 
     @property
     def max_value(self) -> int:
@@ -109,8 +105,8 @@ async def connect(world: BumbleWorld, mtu: int) -> Connected:
     conn = Connected(mtu, peer, chars[RX_UUID], peripheral, handler)
 
     def notified(value: bytes) -> None:
-        if conn.on_notify[0] is not None:
-            conn.on_notify[0](bytes(value))
+        if conn.on_notify is not None:
+            conn.on_notify(bytes(value))
 
     await peer.subscribe(chars[TX_UUID], notified)
     return conn
@@ -165,7 +161,7 @@ def link_pair(conn: Connected) -> tuple[BleLink, list[BleLink]]:
     peripheral's (in the returned list)."""
     central = BleLink("peripheral", initiator=True, chunk_size=lambda: conn.max_value,
                       send_fragment=conn.write)
-    conn.on_notify[0] = central.feed
+    conn.on_notify = central.feed
     peripheral_side: list[BleLink] = []
 
     def on_write(peer: str, value: bytes) -> None:
@@ -188,7 +184,7 @@ async def close_pair(conn: Connected, central: BleLink, peripheral_side: list[Bl
             await asyncio.wait_for(asyncio.shield(link.finished), 10)
     await asyncio.sleep(0.05)  # let the CLOSE fragments land before the next run
     conn.handler.target = None
-    conn.on_notify[0] = None
+    conn.on_notify = None
 
 
 async def measure_link(conn: Connected, n: int) -> dict[str, Any]:
@@ -228,18 +224,12 @@ async def measure_link(conn: Connected, n: int) -> dict[str, Any]:
     return result
 
 
-def make_node(home: Path, name: str) -> Node:
-    return Node(Identity.generate(name), Store.open(home / name / "store.sqlite"), NodeConfig(),
-                clock=time.time)
-
-
 async def measure_session(conn: Connected, messages: int, home: Path) -> dict[str, Any]:
     """Two real nodes over the link: ``messages`` texts central -> peripheral, from link
     start until all are in the recipient's inbox (sealing, SQLite, receipts included)."""
     loop = asyncio.get_running_loop()
-    a, b = make_node(home, "alice"), make_node(home, "bob")
-    a.add_contact("bob", encode_contact(b.identity.public, "bob"))
-    b.add_contact("alice", encode_contact(a.identity.public, "alice"))
+    a, b = make_node(home, "alice", time.time), make_node(home, "bob", time.time)
+    befriend(a, b)
     texts = [f"{i:05d} " + "x" * (SESSION_TEXT - 6) for i in range(messages)]
     for text in texts:
         a.send("bob", text)

@@ -63,7 +63,7 @@ def identity_info(identity: Identity) -> dict[str, str]:
 
 
 def _contact_info(name: str, sign_pub: bytes, verified: bool) -> api.ContactInfo:
-    public = PublicIdentity.from_sign_pub(sign_pub)
+    public = public_identity(sign_pub)
     return api.ContactInfo(name=name, node_id=public.node_id.hex(),
                            fingerprint=public.fingerprint, verified=verified)
 

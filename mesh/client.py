@@ -171,22 +171,22 @@ class RemoteClient:
             pass
         finally:
             if self._reader is reader:
-                if self._writer is not None:
-                    with contextlib.suppress(Exception):
-                        self._writer.close()
-                self._writer = self._reader = None
+                self._drop_stream()
             while waiting:
                 future = waiting.popleft()
                 if not future.done():
                     future.set_exception(UserError("the relay closed the connection"))
 
-    def _disconnect(self) -> None:
+    def _drop_stream(self) -> None:
         if self._writer is not None:
             with contextlib.suppress(Exception):
                 self._writer.close()
+        self._writer = self._reader = None
+
+    def _disconnect(self) -> None:
+        self._drop_stream()
         if self._reply_task is not None:
             self._reply_task.cancel()
-        self._writer = self._reader = None
         self._waiting = collections.deque()
         self._reply_task = None
 

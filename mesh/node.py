@@ -160,6 +160,19 @@ class _LinkRunner:
                 return
 
 
+    def flush_nowait(self) -> None:
+        """``_pump``'s write without waiting, for a link that has ``write_nowait``: hand
+        what the session has to send to the kernel now (``Node._forward_now``)."""
+        data = self.session.data_to_send(self.node.clock())
+        if not data:
+            return
+        try:
+            self.link.write_nowait(data)  # type: ignore[attr-defined]
+        except (ConnectionError, OSError):
+            self.session.close("write failed")
+        self.wake.set()
+
+
 def _log_ids(template: str, msg_ids: list[str]) -> None:
     """One log line per message, or one for a whole batch (a burst of 1,000 sends logged
     line by line cost more CPU than storing it)."""
@@ -450,21 +463,12 @@ class Node:
         (``write_nowait``) are served here; the rest get the items after the commit, as
         before. The flow-control window bounds what this can queue.
         """
-        now = self.clock()
         for other in self._runners:
-            write_now = getattr(other.link, "write_nowait", None)
-            if (other is source or write_now is None
+            if (other is source or not hasattr(other.link, "write_nowait")
                     or other.session.state not in (State.TRANSFERRING, State.LIVE)):
                 continue
             other.session.offer(ids)
-            data = other.session.data_to_send(now)
-            if not data:
-                continue
-            try:
-                write_now(data)
-            except (ConnectionError, OSError):
-                other.session.close("write failed")
-            other.wake.set()
+            other.flush_nowait()
 
     def _take_receipt(self, runner: _LinkRunner, receipt: Receipt, now: float,
                       new_ids: list[bytes], published: list[api.NodeEvent]) -> bool:

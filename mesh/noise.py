@@ -109,12 +109,12 @@ def _hkdf(chaining_key: bytes, ikm: bytes) -> tuple[bytes, bytes]:
 # ChaCha20-Poly1305 (IETF) straight through PyNaCl's libsodium binding: its Python wrappers
 # check and format every argument on every call (about 3 of 5 microseconds per record, and
 # a simulated run seals and opens hundreds of thousands), while here key and nonce sizes
-# are fixed and every caller passes bytes.
+# are fixed and every caller passes bytes. libsodium reads 32 key bytes whatever it is
+# given, so every key is checked where it is set: ``CipherState.__init__`` and
+# ``_SymmetricState.mix_key`` (always a 32-byte slice of a 64-byte BLAKE2b output).
 
 
 def _seal(key: bytes, n: int, ad: bytes, plaintext: bytes) -> bytes:
-    if len(key) != 32:  # libsodium reads 32 bytes whatever it is given: never pass less
-        raise LocalProtocolError("ChaCha20-Poly1305 key must be 32 bytes")
     nonce = bytes(4) + n.to_bytes(8, "little")
     size = len(plaintext) + TAGLEN
     out = _ffi.new("unsigned char[]", size)
@@ -128,8 +128,6 @@ def _seal(key: bytes, n: int, ad: bytes, plaintext: bytes) -> bytes:
 def _open(key: bytes, n: int, ad: bytes, ciphertext: bytes) -> bytes:
     if len(ciphertext) < TAGLEN:
         raise NoiseError("ciphertext shorter than its tag")
-    if len(key) != 32:
-        raise LocalProtocolError("ChaCha20-Poly1305 key must be 32 bytes")
     nonce = bytes(4) + n.to_bytes(8, "little")
     size = len(ciphertext) - TAGLEN
     out = _ffi.new("unsigned char[]", size)

@@ -375,10 +375,6 @@ def _mark_decoded(message: ReconcileMessage, mark: int) -> None:
 # ---- reconciliation ----------------------------------------------------------------------
 
 
-def _key(bound: Bound) -> _KeyTuple:
-    return (bound.ts, bound.id_prefix)
-
-
 def _between(prev: _KeyTuple, key: _KeyTuple) -> Bound:
     """The shortest bound above ``prev`` and at or below ``key`` (bounds stay small)."""
     ts = key[0]
@@ -718,6 +714,10 @@ class Reconciler:
             raise RemoteProtocolError("too many ranges")
         if message._decoded != _NOT_DECODED:
             return self._validate_decoded(ranges, message._decoded)
+        return self._check_ranges(ranges)
+
+    def _check_ranges(self, ranges: Sequence[Range]) -> Sequence[Range]:
+        """Every range check, in order: the first problem found is the error raised."""
         prev: _KeyTuple | None = None
         total_ids = 0
         for r in ranges:
@@ -766,36 +766,17 @@ class Reconciler:
                 p < q for p, q in zip([-1, *missing], missing, strict=False)
             )):
                 raise RemoteProtocolError("positions must increase")
-        if prev != _key(INFINITY):
+        if prev != INFINITY:
             raise RemoteProtocolError("last range does not end at infinity")
         return ranges
 
     def _validate_decoded(self, ranges: Sequence[Range], mark: int) -> Sequence[Range]:
-        """``_validate`` for a message from ``decode_message``: the same outcome, without
-        the type, mode, payload, length and position checks that decoding already made,
-        nor (when its ``mark`` says it is sound and within our id budget) any other."""
+        """``_validate`` for a message from ``decode_message``: nothing more to check when
+        its ``mark`` says it is sound and within our id budget; otherwise the full checks
+        (decoding already made the rest pass) say which error it is."""
         if 0 <= mark <= self._max_ids:
             return ranges
-        prev: _KeyTuple | None = None
-        total_ids = 0
-        max_ids = self._max_ids
-        for r in ranges:
-            upper = r.upper
-            key = (upper.ts, upper.id_prefix)
-            if prev is not None and key <= prev:
-                raise RemoteProtocolError("bounds not increasing")
-            prev = key
-            ids = r.ids
-            if not ids and not r.missing:
-                continue
-            total_ids += len(ids) + len(r.missing)
-            if total_ids > max_ids:
-                raise RemoteProtocolError("too many ids")
-            if len(ids) > 1 and len(set(ids)) != len(ids):
-                raise RemoteProtocolError("duplicate id in range")
-        if prev != _key(INFINITY):
-            raise RemoteProtocolError("last range does not end at infinity")
-        return ranges
+        return self._check_ranges(ranges)
 
     def _learn(self, ids: Sequence[bytes]) -> None:
         """Add the peer's ids we lack to ``need``, within ``max_need``."""

@@ -36,7 +36,6 @@ MAX_PLAINTEXT = MAX_NOISE_MESSAGE - 16
 MAX_FRAME = MAX_PLAINTEXT - 2
 MAX_IDS_PER_FRAME = 3000
 MAX_ITEMS_PER_FRAME = 4096
-MAX_RANGES_PER_FRAME = 4096
 MAX_REASON_LEN = 120
 ID_LEN = 16
 
@@ -184,7 +183,7 @@ def _unpack(data: bytes) -> Any:
         max_buffer_size=MAX_FRAME,
         max_bin_len=MAX_FRAME,
         max_str_len=MAX_REASON_LEN * 4,
-        max_array_len=max(MAX_IDS_PER_FRAME, MAX_ITEMS_PER_FRAME, MAX_RANGES_PER_FRAME),
+        max_array_len=max(MAX_IDS_PER_FRAME, MAX_ITEMS_PER_FRAME),
         max_map_len=0,
         max_ext_len=0,
         use_list=True,

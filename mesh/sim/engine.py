@@ -53,10 +53,8 @@ from mesh.sim.contacts import ContactEvent
 from mesh.sim.load import MessageEvent
 from mesh.sim.memstore import MemStore
 from mesh.sim.policies import (
-    BUDGET_COPIES,
+    INITIAL_COPIES,
     POLICY_NAMES,
-    SPRAY_COPIES,
-    TOKEN_POLICIES,
     make_policy,
     split_copies,
 )
@@ -410,7 +408,7 @@ class Simulation:
             node.hops[eid] = hops
             self.stats.relayed += 1
             self.stats.envelope_bytes_relayed += env.size
-            if self.config.policy in TOKEN_POLICIES:
+            if self.config.policy in INITIAL_COPIES:
                 split_copies(sender.store, store, eid)
             return True
         if result in (AddResult.DUPLICATE, AddResult.ANSWERED):
@@ -446,10 +444,9 @@ class Simulation:
         self._destinations[env.id] = m.recipient
         sender.store.add_envelope(env, now=wall, origin=ORIGIN_SELF, local=True)
         sender.hops[env.id] = 0
-        if self.config.policy == "spray-and-wait":
-            sender.store.copies[env.id] = SPRAY_COPIES
-        elif self.config.policy == "pigeon-budget":
-            sender.store.copies[env.id] = BUDGET_COPIES
+        copies = INITIAL_COPIES.get(self.config.policy)
+        if copies is not None:
+            sender.store.copies[env.id] = copies
         self.stats.created += 1
         self.stats.created_bytes += env.size
         self._offer(sender, [env.id])

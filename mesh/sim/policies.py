@@ -35,9 +35,9 @@ from mesh.sim.memstore import MemStore
 
 __all__ = [
     "BUDGET_COPIES",
+    "INITIAL_COPIES",
     "POLICY_NAMES",
     "SPRAY_COPIES",
-    "TOKEN_POLICIES",
     "EpidemicPolicy",
     "SprayAndWaitPolicy",
     "make_policy",
@@ -49,8 +49,9 @@ POLICY_NAMES = ("epidemic", "spray-and-wait", "pigeon", "pigeon-budget")
 SPRAY_COPIES = 6
 #: ``pigeon-budget``'s ``L``: about twice spray-and-wait's copies, the issue's overhead cap.
 BUDGET_COPIES = 12
-#: Policies whose copy budget the engine splits on every stored copy.
-TOKEN_POLICIES = frozenset({"spray-and-wait", "pigeon-budget"})
+#: The copy budget a new message starts with, for the policies that have one (the engine
+#: splits it on every stored copy).
+INITIAL_COPIES: Mapping[str, int] = {"spray-and-wait": SPRAY_COPIES, "pigeon-budget": BUDGET_COPIES}
 
 
 def _shuffled(item_id: bytes) -> int:

@@ -55,6 +55,16 @@ MAX_RETRY_ENTRIES = 256
 
 SendFragment = Callable[[bytes], Awaitable[None]]
 
+
+def _remember(table: dict[str, Any], key: str, value: Any) -> None:
+    """Set ``key`` as the newest entry of an insertion-ordered table, dropping the oldest
+    beyond ``MAX_RETRY_ENTRIES`` (what a central remembers per address stays bounded)."""
+    table.pop(key, None)
+    table[key] = value
+    while len(table) > MAX_RETRY_ENTRIES:
+        del table[next(iter(table))]
+
+
 #: Links of this process whose GATT connection may still deliver fragments (until their
 #: teardown finished): a new link's id differs from all of theirs, so on one host a stale
 #: or parallel link's fragments never match a new link's id (docs/ble.md, "Framing").
@@ -373,13 +383,10 @@ class BleCentral:
         now = time.monotonic()
         _, delay = self._retry.get(address, (0.0, self.backoff_initial_s / 2))
         delay = min(max(delay * 2, self.backoff_initial_s), self.backoff_max_s)
-        self._retry.pop(address, None)
-        self._retry[address] = (now + delay * (0.5 + random.random()), delay)
-        if len(self._retry) > MAX_RETRY_ENTRIES:
+        if len(self._retry) >= MAX_RETRY_ENTRIES:
             for key in [k for k, (at, _) in self._retry.items() if at <= now]:
                 del self._retry[key]
-            while len(self._retry) > MAX_RETRY_ENTRIES:
-                del self._retry[next(iter(self._retry))]
+        _remember(self._retry, address, (now + delay * (0.5 + random.random()), delay))
 
     async def connect_once(self) -> BleLink | None:
         """Find one unlinked Pigeon peripheral and start a session with it; None if none
@@ -393,8 +400,6 @@ class BleCentral:
             device = await BleakScanner.find_device_by_filter(
                 self._wanted, timeout=self.scan_timeout, service_uuids=[SERVICE_UUID],
                 **self._scanner_kw)
-        except asyncio.CancelledError:
-            raise
         except Exception as exc:
             raise BleScanError(str(exc) or type(exc).__name__) from exc
         if device is None:
@@ -510,10 +515,7 @@ class BleCentral:
                    error: bool, reason: str) -> None:
         """How a link we dialed ended: decides whether and when to dial that address again."""
         if DUPLICATE_REASON in reason and remote_key is not None:
-            self._duplicate_of.pop(address, None)
-            self._duplicate_of[address] = remote_key
-            while len(self._duplicate_of) > MAX_RETRY_ENTRIES:
-                del self._duplicate_of[next(iter(self._duplicate_of))]
+            _remember(self._duplicate_of, address, remote_key)
         elif error or not handshaken:
             self._failed(address)
 

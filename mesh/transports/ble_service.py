@@ -58,12 +58,11 @@ def peer_address(peer: str) -> str:
 class BleService:
     """The BLE roles started for one node; ``stop`` ends them (the node stops after)."""
 
-    def __init__(self, node: Node, central: BleCentral | None,
-                 server: BlePeripheralServer | None, summary: str) -> None:
+    def __init__(self, node: Node) -> None:
         self.node = node
-        self.central = central
-        self.server = server
-        self.summary = summary
+        self.central: BleCentral | None = None
+        self.server: BlePeripheralServer | None = None
+        self.summary = ""
         self._run: asyncio.Task[None] | None = None
 
     def status(self) -> str:
@@ -141,7 +140,7 @@ async def start_ble(node: Node, *, max_links: int = DEFAULT_MAX_LINKS,
     ``probe``, ``peripheral_factory`` and ``central_options`` (e.g. bleak ``scanner_backend``
     / ``client_backend``) are for tests and other platforms; the defaults use BlueZ on Linux.
     """
-    service = BleService(node, None, None, "")
+    service = BleService(node)
 
     async def start_roles(adapter: str | None) -> None:
         await _start_roles(service, adapter, max_links=max_links, platform=platform,

@@ -193,8 +193,6 @@ async def probe_bluez(timeout: float = 3.0, *, bus_address: str | None = None,
         bus = await _connect(bus_address, timeout)
     except Exception as exc:
         return None, f"no D-Bus system bus ({type(exc).__name__}: {exc})"
-    except asyncio.CancelledError:
-        raise
     try:
         return await asyncio.wait_for(_pick_adapter(bus, timeout),
                                       max(0.01, deadline - loop.time()))

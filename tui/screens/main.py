@@ -269,8 +269,9 @@ class MainScreen(Screen[None]):
             self.refresh_conversations()
 
     def _message_received(self, msg: api.InboxMessage) -> None:
-        if self.bell and time.monotonic() - self._last_bell >= BELL_GAP_S:
-            self._last_bell = time.monotonic()
+        now = time.monotonic()
+        if self.bell and now - self._last_bell >= BELL_GAP_S:
+            self._last_bell = now
             self.app.bell()
         if msg.conversation == self.current:
             self.query_one(MessageView).add(api.ChatMessage(
